@@ -1,0 +1,203 @@
+"""Load Alpaca / chat / TAT-QA / demo data as chat samples, split without leaks, tokenize with answer-only labels.
+
+A sample is `{"id", "group", "messages", "meta"}`; its last message is the assistant's gold answer. Evaluation and
+inference use `messages[:-1]` as the prompt; training uses every assistant turn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hpml_ft.config import Config, DataConfig
+from hpml_ft.demo import generate_demo
+from hpml_ft.errors import fail
+from hpml_ft.tatqa_data import group_conversations, tatqa_samples
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[dict]
+    eval: list[dict]
+    format: str
+
+
+def read_records(path: str, split: str = "train") -> list[Any]:
+    """A .json list / .jsonl file, or a hub dataset id (needs the hub or its local cache)."""
+    p = Path(path)
+    if p.is_file():
+        text = p.read_text()
+        try:
+            if p.suffix == ".jsonl":
+                return [json.loads(line) for line in text.splitlines() if line.strip()]
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            fail(f"{p}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}; fix the data file")
+        return data if isinstance(data, list) else data.get("data", [data]) if isinstance(data, dict) else [data]
+    if p.suffix in (".json", ".jsonl") or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        fail(f"data file not found: {path} (pass an existing .json/.jsonl path, a hub dataset id, or 'demo')")
+    try:
+        from datasets import load_dataset
+
+        return list(load_dataset(path, split=split))
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; the user needs one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        fail(f"could not load dataset '{path}' (split {split}): {first}; pass a local .json/.jsonl path instead")
+
+
+def detect_format(records: list[Any], path: str) -> str:
+    first = records[0]
+    if isinstance(first, dict):
+        if {"table", "questions"} <= first.keys():
+            return "tatqa"
+        if "messages" in first:
+            return "chat"
+        if {"instruction", "output"} <= first.keys():
+            return "alpaca"
+    keys = sorted(first) if isinstance(first, dict) else type(first).__name__
+    fail(
+        f"{path}: cannot tell the data format from the first record (keys {keys}); expected Alpaca "
+        "(instruction/input/output), chat (messages) or TAT-QA (table/paragraphs/questions)"
+    )
+
+
+def _alpaca_samples(records: list[dict], path: str, system: str | None) -> list[dict]:
+    samples = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
+            fail(f"{path}: record {i} lacks 'instruction'/'output' columns needed by the alpaca format")
+        user = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}, {"role": "assistant", "content": str(r["output"])}]
+        samples.append({"id": str(i), "group": str(i), "messages": msgs, "meta": {"question": user}})
+    return samples
+
+
+def _chat_samples(records: list[dict], path: str, system: str | None) -> list[dict]:
+    samples = []
+    for i, r in enumerate(records):
+        msgs = r.get("messages") if isinstance(r, dict) else None
+        if not msgs or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs):
+            fail(f"{path}: record {i} needs 'messages': a list of {{role, content}} dicts")
+        if msgs[-1]["role"] != "assistant":
+            fail(f"{path}: record {i} must end with an assistant message (the answer to learn)")
+        if system and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": system}, *msgs]
+        question = next((m["content"] for m in reversed(msgs[:-1]) if m["role"] == "user"), "")
+        samples.append({"id": str(r.get("id", i)), "group": str(i), "messages": msgs, "meta": {"question": question}})
+    return samples
+
+
+def load_samples(path: str, fmt: str = "auto", split: str = "train", system: str | None = None,
+                 demo_size: int = 800, seed: int = 0) -> tuple[list[dict], str]:
+    """Read one source into samples; returns (samples, format)."""
+    if path == "demo":
+        records, fmt = generate_demo(demo_size, seed), "alpaca"
+    else:
+        records = read_records(path, split)
+    if not records:
+        fail(f"{path}: the dataset is empty; point data.path at a file with records")
+    fmt = detect_format(records, path) if fmt == "auto" else fmt
+    builders = {"alpaca": _alpaca_samples, "chat": _chat_samples}
+    samples = tatqa_samples(records, path, system) if fmt == "tatqa" else builders[fmt](records, path, system)
+    if not samples:
+        fail(f"{path}: no usable samples (a TAT-QA file with no questions?)")
+    return samples, fmt
+
+
+def split_by_group(samples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out whole groups (TAT-QA: whole contexts) so no context appears in both splits."""
+    groups = sorted({s["group"] for s in samples})
+    random.Random(seed).shuffle(groups)
+    n_eval = math.ceil(len(groups) * fraction) if fraction > 0 else 0
+    if fraction > 0 and n_eval >= len(groups):
+        fail(f"data.eval_fraction={fraction} leaves no training data ({len(groups)} groups); lower it")
+    held = set(groups[:n_eval])
+    return [s for s in samples if s["group"] not in held], [s for s in samples if s["group"] in held]
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    samples, fmt = load_samples(cfg.path, cfg.format, cfg.split, cfg.system_prompt, cfg.demo_size, cfg.seed)
+    if cfg.eval_path:
+        train = samples
+        evals, _ = load_samples(cfg.eval_path, fmt, cfg.split, cfg.system_prompt)
+    else:
+        train, evals = split_by_group(samples, cfg.eval_fraction, cfg.seed)
+    if cfg.max_samples:
+        train = train[: cfg.max_samples]
+    if cfg.max_eval_samples:
+        evals = evals[: cfg.max_eval_samples]
+    return Splits(train=train, eval=evals, format=fmt)
+
+
+def training_conversations(samples: list[dict], cfg: DataConfig, fmt: str) -> list[list[dict]]:
+    if fmt == "tatqa" and cfg.tatqa_multi_turn:
+        return group_conversations(samples)
+    return [s["messages"] for s in samples]
+
+
+def tokenize_conversation(tok: PreTrainedTokenizerBase, messages: list[dict]) -> dict[str, list[int]]:
+    """input_ids + assistant_masks for any prefix-preserving chat template.
+
+    TRL builds assistant masks from `{% generation %}` markers, which only a fixed list of templates get patched
+    with (SmolLM2's is not among them). Rendering each assistant turn's prefix and marking the characters the turn
+    adds works for any template that renders a conversation as the concatenation of its turns.
+    """
+    eos = tok.eos_token or ""
+    base = tok.apply_chat_template(messages, tokenize=False)
+    pieces, spans, cursor = [], [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (base.startswith(upto) and upto.startswith(prefix)):
+            fail("the chat template is not prefix-preserving, so answer tokens cannot be located; use another model")
+        answer = upto[len(prefix):]
+        if eos and eos not in answer:  # every answer must end with EOS or generation never stops
+            answer += eos
+        pieces.append(base[cursor : len(prefix)])
+        start = sum(map(len, pieces))
+        pieces.append(answer)
+        spans.append((start, start + len(answer)))
+        cursor = len(upto)
+    pieces.append(base[cursor:])
+    full = "".join(pieces)
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
+    return {"input_ids": enc["input_ids"], "assistant_masks": mask}
+
+
+def build_dataset(convs: list[list[dict]], tok: PreTrainedTokenizerBase, max_length: int, name: str) -> Dataset:
+    """Tokenized dataset for SFTTrainer (it builds labels from `assistant_masks` and truncates to max_length)."""
+    from datasets import Dataset
+
+    rows = [tokenize_conversation(tok, c) for c in convs]
+    first_answer = [r["assistant_masks"].index(1) if 1 in r["assistant_masks"] else len(r["input_ids"]) for r in rows]
+    if rows and all(pos >= max_length for pos in first_answer):
+        fail(
+            f"train.max_length={max_length} is shorter than every {name} prompt (shortest answer starts at token "
+            f"{min(first_answer)}), so every answer would be cut off; raise train.max_length"
+        )
+    return Dataset.from_list(rows)
+
+
+def token_stats(ds: Dataset, max_length: int) -> dict[str, float]:
+    lengths = [min(len(x), max_length) for x in ds["input_ids"]]
+    cut = sum(len(x) > max_length for x in ds["input_ids"])
+    return {"samples": len(lengths), "mean_tokens": sum(lengths) / max(len(lengths), 1), "truncated": cut}
+
+
+def build_train_eval(cfg: Config, tok: PreTrainedTokenizerBase, splits: Splits) -> tuple[Dataset, Dataset | None]:
+    train = build_dataset(training_conversations(splits.train, cfg.data, splits.format), tok, cfg.train.max_length,
+                          "training")
+    evals = [s["messages"] for s in splits.eval]
+    return train, (build_dataset(evals, tok, cfg.train.max_length, "eval") if evals else None)

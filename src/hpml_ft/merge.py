@@ -1,0 +1,93 @@
+"""`python -m hpml_ft.merge --adapter DIR --out DIR [--base MODEL]`: fold a LoRA/DoRA adapter into its base.
+
+QLoRA adapters are merged into a base reloaded in 16/32-bit, never into the 4-bit weights they were trained
+against: merging into dequantized-then-requantized weights is how peers' users get garbage merges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hpml_ft.errors import fail, run_cli
+from hpml_ft.outputs import atomic_dir, require_complete_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+def set_generation_eos(model_dir: str | Path, tok: PreTrainedTokenizerBase) -> None:
+    """Make the saved generation config stop on the chat template's EOS (the one used in training)."""
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        gen = GenerationConfig()
+    ids = gen.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.insert(0, tok.eos_token_id)
+    gen.eos_token_id = ids[0] if len(ids) == 1 else ids
+    gen.pad_token_id = tok.pad_token_id
+    gen.save_pretrained(model_dir)
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return cfg.get("base_model_name_or_path") or ""
+
+
+def merge_adapter(adapter_dir: str | Path, out: str | Path, base_path: str | None = None,
+                  dtype: str = "auto", record: dict[str, Any] | None = None) -> Path:
+    """Load base (unquantized) + adapter, merge_and_unload, save atomically with tokenizer and generation config."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpml_ft.model import resolve_model_path
+
+    adapter_dir = require_complete_model(adapter_dir, "adapter")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        fail(f"{adapter_dir} is not a PEFT adapter (no adapter_config.json); full fine-tunes need no merge")
+    base_path = resolve_model_path(base_path or adapter_base(adapter_dir))
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype))
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0][:200]
+        fail(f"adapter {adapter_dir} does not fit base {base_path} ({first}); pass the base it was trained on "
+             f"(--base {adapter_base(adapter_dir) or 'MODEL'})")
+    merged = model.merge_and_unload()
+    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
+    tok = AutoTokenizer.from_pretrained(str(tok_src))
+    rec = {"base_model": base_path, "adapter": str(adapter_dir), **(record or {})}
+    with atomic_dir(Path(out), rec) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        set_generation_eos(tmp, tok)
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hpml_ft.merge", description=__doc__.splitlines()[0])
+    p.add_argument("--adapter", required=True, help="adapter directory (outputs/<run>/adapter)")
+    p.add_argument("--out", required=True, help="where to write the merged model")
+    p.add_argument("--base", default=None, help="base model (default: the adapter's recorded base)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        fail(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    merge_adapter(args.adapter, out, args.base, args.dtype)
+    print(f"merged model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

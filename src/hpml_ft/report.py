@@ -1,0 +1,84 @@
+"""Human-readable outputs: the dry-run summary and the run's model card."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hpml_ft.config import Config, dump_config, world_size
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+
+def parameter_counts(cfg: Config, model_path: str) -> tuple[int, int]:
+    """(trainable, total) from the model config alone: the model is built on the meta device, no weights read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hpml_ft.model import count_parameters, lora_config
+
+    mcfg = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(mcfg)
+    if cfg.peft.method in ("lora", "qlora", "dora"):
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(cfg.peft))
+    return count_parameters(model)
+
+
+def derived_numbers(cfg: Config, model_path: str, train_ds: Dataset, accum: int) -> dict[str, Any]:
+    from hpml_ft.data import token_stats
+
+    t, procs = cfg.train, world_size()
+    stats = token_stats(train_ds, t.max_length)
+    steps_per_epoch = -(-stats["samples"] // t.effective_batch_size)
+    trainable, total = parameter_counts(cfg, model_path)
+    return {
+        "processes": procs,
+        "effective_batch": f"{t.per_device_batch_size} per device x {accum} accumulation x {procs} processes "
+        f"= {t.effective_batch_size}",
+        "train_samples": stats["samples"],
+        "mean_tokens_per_sample": round(stats["mean_tokens"], 1),
+        "truncated_samples": stats["truncated"],
+        "tokens_per_step": f"~{round(stats['mean_tokens'] * t.effective_batch_size):,} "
+        f"(at most {t.max_length * t.effective_batch_size:,})",
+        "optimizer_steps": t.max_steps or int(steps_per_epoch * (t.num_epochs or 1)),
+        "trainable_params": f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
+    }
+
+
+def print_dry_run(cfg: Config, model_path: str, train_ds: Dataset, accum: int) -> None:
+    print("# resolved recipe")
+    print(dump_config(cfg))
+    print("# derived")
+    for k, v in derived_numbers(cfg, model_path, train_ds, accum).items():
+        print(f"{k}: {v}")
+    try:
+        from hpml_ft.plan import plan_text_for_config
+    except ImportError:  # the planner is optional in the dry run
+        return
+    print("# memory estimate")
+    print(plan_text_for_config(cfg, model_path))
+
+
+def model_card(cfg: Config, metrics: dict[str, Any], artifacts: dict[str, str]) -> str:
+    before, after = metrics.get("before", {}), metrics.get("after", {})
+    rows = [f"| {k} | {before.get(k, '-')} | {after.get(k, '-')} |" for k in ("eval_loss", "exact_match", "f1")]
+    return "\n".join([
+        f"# {cfg.run_name}",
+        "",
+        f"Fine-tuned from `{cfg.model.name_or_path}` with hpml_ft ({cfg.peft.method}) on `{cfg.data.path}`.",
+        "",
+        "| metric (held-out split) | before | after |",
+        "|---|---|---|",
+        *rows,
+        "",
+        f"Steps: {metrics.get('global_step')}, final loss {metrics.get('final_loss')}, "
+        f"runtime {metrics.get('train_runtime_s')} s.",
+        "",
+        "Artifacts: " + ", ".join(f"`{v}/`" for v in artifacts.values()) + "; the resolved recipe is `recipe.yaml`.",
+        "",
+        "Use it: `python -m hpml_ft.infer --model_name_or_path <this dir>/merged --prompt \"...\"`",
+        "",
+    ])

@@ -1,0 +1,158 @@
+"""The training run itself: model, SFTTrainer, before/after evaluation, atomic artifacts."""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from transformers import TrainerCallback
+
+from hpml_ft.config import Config, dump_config, world_size
+from hpml_ft.outputs import RUN_RECORD, finalize_dir, versions, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from trl import SFTTrainer
+
+    from hpml_ft.data import Splits
+
+
+class InterruptCallback(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            signal.signal(signal.SIGINT, self._previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[hpml_ft] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def quick_eval(model: PreTrainedModel, tok: PreTrainedTokenizerBase, samples: list[dict], cfg: Config,
+               fmt: str) -> dict[str, Any]:
+    """Greedy answers to the first `train.eval_generate` held-out samples, scored by exact match."""
+    from hpml_ft.evaluate import score_answers
+    from hpml_ft.generation import generate
+
+    samples = samples[: cfg.train.eval_generate]
+    if not samples:
+        return {}
+    preds, speed = generate(model, tok, [s["messages"][:-1] for s in samples], cfg.train.max_new_tokens,
+                            batch_size=cfg.train.per_device_batch_size * 2)
+    scores = score_answers(samples, preds, fmt)
+    return {**scores, "n": len(samples), "tokens_per_s": round(speed["tokens_per_s"], 1),
+            "examples": [{"prompt": s["meta"].get("question", "")[:200], "gold": s["messages"][-1]["content"],
+                          "pred": p} for s, p in list(zip(samples, preds, strict=True))[:3]]}
+
+
+def build_trainer(cfg: Config, model: PreTrainedModel, tok: PreTrainedTokenizerBase, train_ds: Dataset,
+                  eval_ds: Dataset | None, accum: int) -> SFTTrainer:
+    from trl import SFTTrainer
+
+    from hpml_ft.train import sft_config
+
+    return SFTTrainer(model=model, args=sft_config(cfg, accum), train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tok, callbacks=[InterruptCallback()])
+
+
+def peak_memory() -> dict[str, float]:
+    import resource
+
+    import torch
+
+    out = {"cpu_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["gpu_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def save_artifacts(trainer: SFTTrainer, cfg: Config, tok: PreTrainedTokenizerBase, base_path: str,
+                   record: dict[str, Any]) -> dict[str, str]:
+    """Adapter (PEFT methods) and a merged standalone model, each written to a temp dir then renamed."""
+    from hpml_ft.merge import merge_adapter, set_generation_eos
+
+    run_dir, main_proc = cfg.run_dir, trainer.accelerator.is_main_process
+    peft = cfg.peft.method not in ("full", "none")
+    name = "adapter" if peft else "merged"
+    staging = run_dir / f".{name}.tmp"
+    trainer.save_model(str(staging))  # every rank calls this: DeepSpeed gathers shards here
+    if not main_proc:
+        return {}
+    tok.save_pretrained(staging)
+    if not peft:
+        set_generation_eos(staging, tok)
+    finalize_dir(staging, run_dir / name, record)
+    artifacts = {name: name}
+    if peft and cfg.train.merge:
+        merge_adapter(run_dir / "adapter", run_dir / "merged", base_path=base_path, record=record)
+        artifacts["merged"] = "merged"
+    return artifacts
+
+
+def _eval_loss(trainer: SFTTrainer, eval_ds: Dataset | None) -> float | None:
+    return round(trainer.evaluate()["eval_loss"], 4) if eval_ds is not None else None
+
+
+def run_training(cfg: Config, base_path: str, tok: PreTrainedTokenizerBase, splits: Splits, train_ds: Dataset,
+                 eval_ds: Dataset | None, accum: int, resume: str | None) -> int:
+    from transformers import set_seed
+
+    from hpml_ft.model import build_model, count_parameters, wrap_peft
+    from hpml_ft.report import model_card
+
+    set_seed(cfg.train.seed)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "recipe.yaml", dump_config(cfg))
+    model = wrap_peft(build_model(cfg, base_path), cfg, cfg.train.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+    print(f"[hpml_ft] {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters")
+    trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, accum)
+    single = world_size() == 1 and not cfg.train.deepspeed  # quick generation eval only on one process
+    metrics: dict[str, Any] = {"trainable_params": trainable, "total_params": total}
+    if resume is None:
+        metrics["before"] = {"eval_loss": _eval_loss(trainer, eval_ds),
+                             **(quick_eval(trainer.model, tok, splits.eval, cfg, splits.format) if single else {})}
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    interrupted = any(isinstance(c, InterruptCallback) and c.requested for c in trainer.callback_handler.callbacks)
+    if interrupted:
+        print(f"[hpml_ft] stopped at step {trainer.state.global_step}; checkpoint saved under {run_dir}/checkpoints. "
+              f"Resume with: python -m hpml_ft.train <recipe> ... train.resume=auto", file=sys.stderr)
+        return 130
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics.update({
+        "train_runtime_s": round(time.perf_counter() - start, 1), "global_step": trainer.state.global_step,
+        "train_loss": round(result.training_loss, 4), "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None, "tokens_seen": trainer.state.num_input_tokens_seen,
+        "effective_batch_size": cfg.train.effective_batch_size, "grad_accum": accum, "processes": world_size(),
+    })
+    if not all(math.isfinite(x) for x in losses):
+        print("[hpml_ft] warning: non-finite loss during training; lower train.learning_rate", file=sys.stderr)
+    metrics["after"] = {"eval_loss": _eval_loss(trainer, eval_ds),
+                        **(quick_eval(trainer.model, tok, splits.eval, cfg, splits.format) if single else {})}
+    metrics.update(peak_memory())
+    record = {"recipe": cfg.model_dump(mode="json"), "base_model": cfg.model.name_or_path, "metrics": metrics}
+    artifacts = save_artifacts(trainer, cfg, tok, base_path, record)
+    if trainer.accelerator.is_main_process:
+        write_json_atomic(run_dir / "metrics.json", metrics)
+        write_text_atomic(run_dir / "README.md", model_card(cfg, metrics, artifacts))
+        write_json_atomic(run_dir / RUN_RECORD, {"status": "finished", "artifacts": artifacts, "format": splits.format,
+                                                 "base_path": base_path, "versions": versions(), **record})
+        print(f"[hpml_ft] done: {run_dir} (merged model: {run_dir / 'merged'})")
+    return 0
+

@@ -1,0 +1,159 @@
+"""`python -m hpml_ft.train RECIPE [section.key=value ...] [--dry-run]`: recipe -> TRL SFTTrainer run.
+
+Order matters: everything that can be checked without a model (config, files, data, tokenizer, output dir) is
+checked first, so a typo costs seconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hpml_ft.config import Config, dump_config, grad_accum_steps, load_config, world_size
+from hpml_ft.errors import fail, run_cli
+
+if TYPE_CHECKING:
+    from trl import SFTConfig, SFTTrainer
+
+OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hpml_ft.train", description=__doc__.splitlines()[0])
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/lora_alpaca.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-4 peft.r=8")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and derived numbers; no training")
+    return p.parse_args(argv)
+
+
+def precision_flags(cfg: Config) -> dict[str, bool]:
+    import torch
+
+    want = cfg.train.precision
+    if want == "auto":
+        cuda = torch.cuda.is_available()
+        want = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32"
+    if want in ("bf16", "fp16") and not torch.cuda.is_available():
+        fail(f"train.precision={want} needs a CUDA GPU; use train.precision=auto (fp32 on CPU)")
+    return {"bf16": want == "bf16", "fp16": want == "fp16", "use_cpu": not torch.cuda.is_available()}
+
+
+def sft_config(cfg: Config, accum: int) -> SFTConfig:
+    """TRL SFTConfig from the recipe. Data is pre-tokenized with assistant masks (see data.py)."""
+    from trl import SFTConfig
+
+    t = cfg.train
+    return SFTConfig(
+        output_dir=str(cfg.run_dir / "checkpoints"),
+        run_name=cfg.run_name,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.num_epochs or 1,
+        max_steps=t.max_steps or -1,
+        optim=OPTIMIZERS[t.optimizer],
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        max_length=t.max_length,
+        packing=t.packing,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        deepspeed=t.deepspeed,
+        report_to=[r for r in cfg.tracking.report_to if r != "none"] or "none",
+        include_num_input_tokens_seen=True,
+        dataset_kwargs={"skip_prepare_dataset": False},
+        **precision_flags(cfg),
+    )
+
+
+def check_environment(cfg: Config) -> None:
+    """Checks that need no model: optional packages, DeepSpeed JSON, tracking backends."""
+    import importlib.util
+    import json
+
+    from hpml_ft.model import check_bitsandbytes
+
+    if cfg.quantized_4bit or cfg.model.load_in_8bit or cfg.train.optimizer != "adamw_torch":
+        check_bitsandbytes()
+    if cfg.train.deepspeed:
+        ds = Path(cfg.train.deepspeed)
+        if not ds.is_file():
+            fail(f"DeepSpeed config not found: {ds} (use one of deepspeed/*.json)")
+        try:
+            json.loads(ds.read_text())
+        except json.JSONDecodeError as err:
+            fail(f"{ds}: invalid JSON at line {err.lineno}: {err.msg}; fix the DeepSpeed config")
+        if importlib.util.find_spec("deepspeed") is None:
+            fail("train.deepspeed is set but DeepSpeed is not installed: pip install deepspeed")
+    for backend in cfg.tracking.report_to:
+        if backend != "none" and importlib.util.find_spec(backend) is None:
+            fail(f"tracking.report_to lists {backend} but it is not installed: pip install {backend}")
+
+
+def prepare_run_dir(cfg: Config) -> str | None:
+    """Refuse to clobber a finished/interrupted run unless asked; return the checkpoint to resume from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from hpml_ft.outputs import RUN_RECORD
+
+    run_dir, resume = cfg.run_dir, cfg.train.resume
+    ckpts = run_dir / "checkpoints"
+    if resume and resume != "auto":
+        if not Path(resume).is_dir():
+            fail(f"train.resume={resume} is not a checkpoint directory; use train.resume=auto or a checkpoint-N path")
+        return resume
+    if resume == "auto":
+        last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+        print(f"[hpml_ft] resume=auto: {'resuming from ' + last if last else 'no checkpoint found, starting fresh'}")
+        return last
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.train.overwrite:
+            state = "a finished run" if (run_dir / RUN_RECORD).exists() else "an unfinished run"
+            fail(f"{run_dir} holds {state}; pass train.overwrite=true to replace it or train.resume=auto to continue")
+        if int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(run_dir)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.recipe, args.overrides)
+    accum = grad_accum_steps(cfg)
+    check_environment(cfg)
+    from hpml_ft.data import build_train_eval, load_splits
+    from hpml_ft.model import load_tokenizer, resolve_model_path
+
+    splits = load_splits(cfg.data)
+    model_path = resolve_model_path(cfg.model.name_or_path)
+    tok = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    train_ds, eval_ds = build_train_eval(cfg, tok, splits)
+    if args.dry_run:
+        from hpml_ft.report import print_dry_run
+
+        print_dry_run(cfg, model_path, train_ds, accum)
+        return 0
+    resume = prepare_run_dir(cfg)
+    from hpml_ft.runner import run_training
+
+    return run_training(cfg, model_path, tok, splits, train_ds, eval_ds, accum, resume)
+
+
+if __name__ == "__main__":
+    run_cli(main)
