@@ -125,8 +125,13 @@ def attn_implementation(cfg: ModelConfig, dtype: torch.dtype) -> str:
 
 
 def check_bitsandbytes() -> None:
-    if importlib.util.find_spec("bitsandbytes") is None:
-        fail("4-bit/8-bit loading needs bitsandbytes: pip install bitsandbytes (or pick peft.method=lora)")
+    """bitsandbytes must import here (it is absent or broken on some platforms): fail before any model load."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - ImportError, RuntimeError from missing native libs, ...
+        fail(f"4-bit/8-bit loading and 8-bit optimizers need a working bitsandbytes ({type(err).__name__}: "
+             f"{str(err).splitlines()[0][:120] if str(err) else 'not importable'}); pip install bitsandbytes, "
+             "or use peft.method=lora and optimizer=adamw_torch")
 
 
 def bnb_config(cfg: Config) -> BitsAndBytesConfig | None:

@@ -138,7 +138,7 @@ def run_training(cfg: Config, base_path: str, tok: PreTrainedTokenizerBase, spli
     metrics.update({
         "train_runtime_s": round(time.perf_counter() - start, 1), "global_step": trainer.state.global_step,
         "train_loss": round(result.training_loss, 4), "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None, "tokens_seen": trainer.state.num_input_tokens_seen,
+        "final_loss": losses[-1] if losses else None, "loss_curve": losses, "tokens_seen": trainer.state.num_input_tokens_seen,
         "effective_batch_size": cfg.train.effective_batch_size, "grad_accum": accum, "processes": world_size(),
     })
     if not all(math.isfinite(x) for x in losses):

@@ -21,10 +21,8 @@ answer_from breakdown uses compensated (Kahan) means as pandas does.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
-import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -36,14 +34,15 @@ from hpml_ft.tatqa_normalize import (
     answer_string,
     is_number,
     normalize_answer,
+    parse_model_output,
     prediction_strings,
     to_number,
 )
 
 __all__ = [
-    "SCALES", "QuestionScore", "TaTQAScorer", "answer_string", "gold_items", "is_number", "normalize_answer",
-    "parse_model_output", "score_file", "score_prediction", "score_predictions", "to_number",
-    "write_official_predictions",
+    "SCALES", "QuestionScore", "TaTQAScorer", "answer_string", "gold_items", "is_number", "iter_questions",
+    "normalize_answer", "parse_model_output", "score_file", "score_prediction", "score_predictions",
+    "to_number", "write_official_predictions",
 ]
 
 
@@ -108,6 +107,7 @@ class _Cell:
     carry: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     def add(self, em: float, f1: float) -> None:
+        """Add one question's EM and F1 (Kahan summation, like pandas' grouped mean)."""
         self.count += 1
         for i, value in enumerate((em, f1)):
             adjusted = value - self.carry[i]
@@ -116,6 +116,7 @@ class _Cell:
             self.sums[i] = total
 
     def means(self) -> dict[str, float]:
+        """``{count, em, f1}`` with mean EM and F1; zeros for an empty cell (pandas' fillna(0))."""
         if not self.count:
             return {"count": 0, "em": 0.0, "f1": 0.0}
         return {"count": self.count, "em": self.sums[0] / self.count, "f1": self.sums[1] / self.count}
@@ -200,110 +201,3 @@ def write_official_predictions(preds: Mapping[str, tuple[Any, str]], path: str |
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return target
-
-
-_PREFIX = re.compile(
-    r"^\s*(?:(?:the\s+)?(?:final\s+)?answer\s*(?:is\s*)?[:：]|the\s+(?:final\s+)?answer\s+is\b)\s*", re.I
-)
-_SCALE_LINE = re.compile(r"^\s*scale\s*[:：]\s*(.*?)\s*$", re.I | re.M)
-_IN_SCALE = re.compile(r"\(?\s*\bin\s+(?:US\$|\$)?\s*(thousand|million|billion)s?\b\s*\)?", re.I)
-_SEPARATOR = re.compile(r"\r?\n|;|\s\|\s")
-_BULLET = re.compile(r"^(?:[-*•]|\d+[.)])\s+")
-_QUOTED_LIST = re.compile(r'^(?:"[^"]*"\s*,\s*)+"[^"]*"$|^(?:\'[^\']*\'\s*,\s*)+\'[^\']*\'$')
-_CURRENCY = re.compile(r"^(?:US\$|USD\s|EUR\s|GBP\s|[$€£¥])\s*", re.I)
-_UNIT = re.compile(
-    r"\s*(%|per\s*cent(?:age)?|percent(?:age)?|thousands?|millions?|billions?|(?<=\d)(?:bn|mn|[kmb]))$", re.I
-)
-_SIGNED = re.compile(
-    r"(?P<sign>[-−–+]?)\s*(?:US\$|[$€£¥])?\s*(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-)
-_UNIT_SCALE = {"%": "percent", "p": "percent", "k": "thousand", "m": "million", "b": "billion"}
-
-
-def _unit_scale(unit: str) -> str:
-    """Scale name of a unit word: %/percent, k/thousand(s), m/mn/million(s), b/bn/billion(s)."""
-    unit = unit.lower()
-    return unit.rstrip("s") if unit[:3] in ("tho", "mil", "bil") else _UNIT_SCALE[unit[0]]
-
-
-def _negate(number: str) -> str:
-    return number[1:] if number.startswith("-") else "-" + number
-
-
-def _parse_number(text: str) -> tuple[str, str] | None:
-    """``(canonical number, scale)`` when the whole item is a number with optional sign/currency/unit."""
-    text = _CURRENCY.sub("", text.strip(), count=1).strip()
-    if len(text) > 2 and text[0] == "(" and text[-1] == ")":
-        inner = _parse_number(text[1:-1])
-        return None if inner is None else (_negate(inner[0]), inner[1])
-    unit = _UNIT.search(text)
-    match = _SIGNED.fullmatch((text[: unit.start()] if unit else text).strip())
-    if match is None:
-        return None
-    number = match["num"].replace(",", "")
-    number = "0" + number if number.startswith(".") else number
-    number = _negate(number) if match["sign"] in ("-", "−", "–") else number
-    return number, _unit_scale(unit.group(1)) if unit else ""
-
-
-def _split_items(text: str) -> list[str]:
-    """Answer items: a JSON/Python list, else lines / ";" / " | " pieces, each maybe a quoted comma list."""
-    if text.startswith("[") and text.endswith("]"):
-        for loader in (json.loads, ast.literal_eval):
-            try:
-                parsed = loader(text)
-            except (ValueError, SyntaxError):
-                continue
-            if isinstance(parsed, list):
-                return [str(item) for item in parsed]
-    items: list[str] = []
-    for piece in _SEPARATOR.split(text):
-        piece = _BULLET.sub("", piece.strip())
-        items.extend(re.findall(r'"([^"]*)"|\'([^\']*)\'', piece) if _QUOTED_LIST.match(piece) else [piece])
-    return [item if isinstance(item, str) else "".join(item) for item in items]
-
-
-def _clean_item(item: str) -> str:
-    """Strip spaces, markdown bold, wrapping quotes and trailing periods."""
-    item = item.strip().strip("*").strip()
-    if len(item) >= 2 and item[0] == item[-1] and item[0] in "\"'`":
-        item = item[1:-1].strip()
-    return item.rstrip(".").strip()
-
-
-def parse_model_output(text: str) -> tuple[str | list[str], str]:
-    """Parse free-form model output into an official ``(answer, scale)`` prediction.
-
-    Rules, in order:
-
-    1. A leading "Answer:", "Final answer:" or "The answer is" is dropped. A line "Scale: <word>" sets the
-       scale explicitly (it wins) and is removed; so is a phrase "(in thousands)" / "in $ millions", which
-       sets the scale unless a "Scale:" line did.
-    2. Items: a JSON/Python list literal gives its elements; otherwise the text is split on newlines, ";"
-       and " | "; a piece made only of quoted, comma-separated strings gives each string. Bullets
-       ("- ", "* ", "1. ") are dropped. Plain commas never split (they are thousands separators).
-    3. Each item loses wrapping quotes, ``**`` and trailing periods. An item that is one number becomes a
-       canonical number string: commas removed, "(123)" and a leading "-"/"−" give "-123", ".5" gives
-       "0.5", currency signs ($ € £ ¥ US$) dropped, a trailing unit ("%", "percent", "thousand(s)",
-       "million(s)", "billion(s)", "k", "m"/"mn", "b"/"bn") removed and used as the scale when no
-       explicit scale was given (the first numeric item with a unit decides). Other items stay text.
-    4. One item gives a string answer; several give a list; none gives "".
-    """
-    scale_line = _SCALE_LINE.search(text)
-    scale = scale_line.group(1).lower().rstrip("s") if scale_line else ""
-    scale = scale if scale in SCALES else ""
-    text = _PREFIX.sub("", _SCALE_LINE.sub("", text).strip()).strip()
-    in_scale = _IN_SCALE.search(text)
-    if in_scale:
-        scale = scale or in_scale.group(1).lower()
-        text = (text[: in_scale.start()] + text[in_scale.end() :]).strip()
-    answers: list[str] = []
-    for item in (_clean_item(item) for item in _split_items(text)):
-        parsed = _parse_number(item) if item else None
-        if parsed is not None:
-            item, scale = parsed[0], scale or parsed[1]
-        if item:
-            answers.append(item)
-    if len(answers) == 1:
-        return answers[0], scale
-    return (answers if answers else ""), scale

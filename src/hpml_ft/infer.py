@@ -1,0 +1,375 @@
+"""`python -m hpml_ft.infer`: answer eval samples (--sid), free-form prompts (--prompt) or chat (--chat).
+
+Defaults: the merged model of the latest finished run under outputs/ (else the embedded base model) and the
+eval split of that run's recipe. `--compare base,outputs/run_a,...` answers with several models side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hpml_ft.errors import fail, run_cli
+from hpml_ft.outputs import RUN_RECORD, latest_finished_run, read_run, require_complete_model
+
+if TYPE_CHECKING:
+    from hpml_ft.config import Config
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    label: str  # as the user named it, shown in the output
+    path: str  # model directory or hub id
+    adapter: str | None = None  # PEFT adapter applied on top, unmerged
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hpml_ft.infer", description=__doc__.splitlines()[0])
+    what = p.add_argument_group("what to answer (default: --sid 0)")
+    what.add_argument("--sid", type=int, nargs="+", help="eval-set index(es), e.g. --sid 100 500 900")
+    what.add_argument("--prompt", action="extend", nargs="+", help="free-form prompt(s); repeatable")
+    what.add_argument("--chat", action="store_true", help="interactive chat, streamed (/reset, /exit)")
+    what.add_argument("--system-prompt", help="system message (replaces a sample's own)")
+    model = p.add_argument_group("models (default: the latest finished run's merged model, else 'embedded')")
+    model.add_argument("--model_name_or_path", "--model", help="'embedded', a run dir, model dir or hub id")
+    model.add_argument("--adapter", help="LoRA adapter dir (or run dir) applied to the base, unmerged")
+    model.add_argument("--compare", help="comma-separated models: base|embedded|RUN_DIR|MODEL_DIR")
+    data = p.add_argument_group("eval set (default: the eval split of the run's recipe)")
+    data.add_argument("--data", help=".json/.jsonl file: all of it is the eval set unless --recipe is given")
+    data.add_argument("--format", default="auto", choices=["auto", "alpaca", "chat", "tatqa"])
+    data.add_argument("--recipe", help="recipe YAML whose eval split to use (with --data: split that file)")
+    gen = p.add_argument_group("generation (greedy unless --temperature > 0)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (left padded)")
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--no-cache", action="store_true", help="use_cache=False: KV cache off (benchmarking)")
+    gen.add_argument("--prompt-lookup", type=int, metavar="N", help="prompt lookup decoding, N tokens")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    return check_args(p.parse_args(argv))
+
+
+def check_args(a: argparse.Namespace) -> argparse.Namespace:
+    """Conflicts and ranges, checked before anything heavy is imported."""
+    if sum(bool(x) for x in (a.sid, a.prompt, a.chat)) > 1:
+        fail("pick one of --sid, --prompt and --chat")
+    if a.compare and (a.model_name_or_path or a.adapter):
+        fail("--compare names every model itself; drop --model_name_or_path/--adapter or drop --compare")
+    if a.chat and (a.compare or a.json):
+        fail("--chat talks to one model in plain text; drop --compare/--json")
+    if a.max_new_tokens < 1 or a.batch_size < 1 or (a.prompt_lookup is not None and a.prompt_lookup < 1):
+        fail("--max-new-tokens, --batch-size and --prompt-lookup must be positive")
+    if a.temperature < 0 or not 0 < a.top_p <= 1:
+        fail("--temperature must be >= 0 and --top-p in (0, 1]")
+    a.compare = [e.strip() for e in a.compare.split(",") if e.strip()] if a.compare else None
+    a.sid = a.sid or ([] if a.prompt or a.chat else [0])
+    return a
+
+
+# ---------------------------------------------------------------- which models
+
+
+def run_of(path: Path) -> Path | None:
+    """The finished run a path is (or is the merged/adapter dir of), if any."""
+    return next((p for p in (path, path.parent) if (p / RUN_RECORD).is_file()), None)
+
+
+def run_config(run: Path) -> Config:
+    from hpml_ft.config import build_config, load_config
+
+    recipe = run / "recipe.yaml"
+    return load_config(recipe) if recipe.is_file() else build_config(read_run(run)["recipe"])
+
+
+def base_of(run: Path | None) -> str:
+    """The base model of a run: its recorded path while that exists, else the recipe's model."""
+    from hpml_ft.model import resolve_model_path
+
+    if run is None:
+        return resolve_model_path("embedded")
+    recorded = read_run(run).get("base_path")
+    if recorded and Path(recorded).is_dir():
+        return recorded
+    return resolve_model_path(run_config(run).model.name_or_path)
+
+
+def run_model(run: Path, label: str) -> ModelSpec:
+    arts = read_run(run).get("artifacts", {})
+    if "merged" in arts:
+        return ModelSpec(label, str(require_complete_model(run / arts["merged"])))
+    if "adapter" in arts:
+        return ModelSpec(label, base_of(run), str(require_complete_model(run / arts["adapter"], "adapter")))
+    fail(f"run {run} records no merged model or adapter in {RUN_RECORD}; rerun its training")
+
+
+def resolve_entry(entry: str, ref_run: Path | None) -> ModelSpec:
+    """A model named on the command line -> what to load."""
+    from hpml_ft.merge import adapter_base
+    from hpml_ft.model import check_hub_model_available, resolve_model_path
+
+    p = Path(entry)
+    if entry == "base":
+        return ModelSpec(entry, base_of(ref_run))
+    if (p / RUN_RECORD).is_file():
+        return run_model(p, entry)
+    if (p / "recipe.yaml").is_file() and not (p / "config.json").is_file():
+        fail(f"{p} is a run that did not finish (no {RUN_RECORD}); resume its training or pick another run")
+    if (p / "adapter_config.json").is_file():
+        adapter, run = require_complete_model(p, "adapter"), run_of(p)
+        if not (run or adapter_base(adapter)):
+            fail(f"adapter {p} records no base model; pass it with --model_name_or_path")
+        base = base_of(run) if run else resolve_model_path(adapter_base(adapter))
+        return ModelSpec(entry, base, str(adapter))
+    if p.is_dir():
+        return ModelSpec(entry, str(require_complete_model(p)))
+    path = resolve_model_path(entry)
+    check_hub_model_available(path)
+    return ModelSpec(entry, path)
+
+
+def model_specs(a: argparse.Namespace) -> tuple[list[ModelSpec], Path | None]:
+    """The models to answer with, and the run their data/base come from: the run of the first named model
+    that has one, else the latest finished run, else None."""
+    named = a.compare or [x for x in (a.model_name_or_path, a.adapter) if x]
+    ref_run = next((r for r in map(run_of, map(Path, named)) if r), None) or latest_finished_run("outputs")
+    if a.compare:
+        return [resolve_entry(e, ref_run) for e in a.compare], ref_run
+    if a.adapter:
+        adapter = Path(a.adapter) / ("adapter" if (Path(a.adapter) / RUN_RECORD).is_file() else "")
+        if not (adapter / "adapter_config.json").is_file():
+            fail(f"--adapter {a.adapter} is not a PEFT adapter (no adapter_config.json)")
+        if a.model_name_or_path:  # an explicit base wins over the one the adapter records
+            base = resolve_entry(a.model_name_or_path, ref_run).path
+            spec = ModelSpec("", base, str(require_complete_model(adapter, "adapter")))
+        else:
+            spec = resolve_entry(str(adapter), ref_run)
+        label = f"{a.model_name_or_path or spec.path} + {a.adapter}"
+        return [ModelSpec(label, spec.path, spec.adapter)], ref_run
+    if a.model_name_or_path:
+        return [resolve_entry(a.model_name_or_path, ref_run)], ref_run
+    return [run_model(ref_run, str(ref_run)) if ref_run else resolve_entry("embedded", None)], ref_run
+
+
+# ---------------------------------------------------------------- which samples
+
+
+def eval_set(a: argparse.Namespace, ref_run: Path | None) -> tuple[list[dict], str, str]:
+    """(samples, format, where they come from)."""
+    from hpml_ft.config import DataConfig, load_config
+    from hpml_ft.data import load_samples, load_splits
+
+    if a.data and not a.recipe:
+        samples, fmt = load_samples(a.data, a.format)
+        return samples, fmt, f"file {a.data}"
+    if a.recipe:
+        extra = [f"data.path={a.data}", f"data.format={a.format}", "data.eval_path=null"] if a.data else []
+        data, source = load_config(a.recipe, extra).data, a.recipe
+    elif ref_run:
+        data, source = run_config(ref_run).data, str(ref_run)
+    else:
+        data, source = DataConfig(), "the default data config"
+    splits = load_splits(data)
+    return splits.eval, splits.format, f"eval split of {source} (data {data.path})"
+
+
+def pick(samples: list[dict], sids: list[int], source: str) -> list[dict]:
+    n = len(samples)
+    if not n:
+        fail(f"the {source} is empty; pass --data FILE or a recipe with data.eval_fraction > 0")
+    bad = [s for s in sids if not 0 <= s < n]
+    if bad:
+        fail(f"--sid {bad[0]} is out of range: the {source} has {n} samples (valid: 0-{n - 1})")
+    return [samples[s] for s in sids]
+
+
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
+    if not system:
+        return messages
+    return [{"role": "system", "content": system}, *(m for m in messages if m["role"] != "system")]
+
+
+# ---------------------------------------------------------------- generation
+
+
+def load_model(spec: ModelSpec, dtype: str) -> tuple[Any, Any]:
+    """Model (+ unmerged adapter) and tokenizer, on the GPU when there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hpml_ft.config import ModelConfig
+    from hpml_ft.model import attn_implementation, load_tokenizer, torch_dtype
+
+    mc = ModelConfig(dtype=dtype)
+    dt = torch_dtype(mc)
+    attn = attn_implementation(mc, dt)
+    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dt, attn_implementation=attn)
+    tok_dir = spec.path
+    if spec.adapter:
+        import warnings
+
+        from peft import PeftModel
+
+        try:
+            with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5: noise for users
+                warnings.simplefilter("ignore", FutureWarning)
+                model = PeftModel.from_pretrained(model, spec.adapter)
+        except (RuntimeError, ValueError, KeyError) as err:
+            fail(f"adapter {spec.adapter} does not fit base {spec.path} ({str(err).strip()[:160]}); "
+                 "pass its base with --model_name_or_path")
+        if (Path(spec.adapter) / "tokenizer_config.json").is_file():
+            tok_dir = spec.adapter  # the tokenizer the adapter was trained with
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model.eval(), load_tokenizer(tok_dir)
+
+
+def gen_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"use_cache": not a.no_cache}
+    if a.temperature > 0:
+        kw.update(do_sample=True, temperature=a.temperature, top_p=a.top_p)
+    if a.prompt_lookup:
+        kw["prompt_lookup_num_tokens"] = a.prompt_lookup
+    return kw
+
+
+def answer_all(specs: list[ModelSpec], prompts: list[list[dict]], a: argparse.Namespace) -> list[tuple]:
+    """Each model loaded once and answering every prompt: [(texts, speed)] in model order."""
+    from transformers import set_seed
+
+    from hpml_ft.generation import generate
+
+    batch = 1 if a.prompt_lookup else a.batch_size  # prompt lookup = assisted decoding: batches of one only
+    results = []
+    for spec in specs:
+        model, tok = load_model(spec, a.dtype)
+        generate(model, tok, prompts[:1], 1, 1)  # warm-up: one-off kernel setup is not generation speed
+        set_seed(a.seed)
+        results.append(generate(model, tok, prompts, a.max_new_tokens, batch, **gen_kwargs(a)))
+        del model  # before the next model loads
+    return results
+
+
+# ---------------------------------------------------------------- output
+
+
+def answer_rows(specs: list[ModelSpec], results: list[tuple], j: int, sample: dict | None = None,
+                fmt: str = "") -> list[dict]:
+    """Every model's answer to prompt j; marked correct (exact match) or not when there is a gold answer."""
+    from hpml_ft.evaluate import score_answers
+
+    rows = []
+    for spec, (texts, speed) in zip(specs, results, strict=True):
+        row = {"model": spec.label, "path": spec.path, "adapter": spec.adapter, "answer": texts[j]}
+        if sample is not None:
+            row["correct"] = score_answers([sample], [texts[j]], fmt)["exact_match"] == 100.0
+        rows.append({**row, "tokens_per_s": round(speed["tokens_per_s"], 2)})
+    return rows
+
+
+def sample_record(sid: int, s: dict, fmt: str, answers: list[dict]) -> dict:
+    meta = s["meta"]
+    ctx = {"table": meta["table"], "paragraphs": meta.get("paragraphs", [])} if "table" in meta else None
+    return {"sid": sid, "id": s["id"], "format": fmt, "question": meta.get("question", ""), "context": ctx,
+            "gold": s["messages"][-1]["content"], "answers": answers}
+
+
+def indent(text: str, pad: str = "  ") -> str:
+    return "\n".join(pad + line if line else "" for line in str(text).splitlines() or [""])
+
+
+def record_text(rec: dict, j: int) -> str:
+    """A sample (question, context, gold) or a prompt, then one row per model: label, mark, answer."""
+    from hpml_ft.tatqa_data import render_table
+
+    if "sid" not in rec:
+        parts = [f"=== prompt {j} ===", indent(rec["prompt"]), "Answers:"]
+    else:
+        head = f"=== sample {rec['sid']} (id {rec['id']}, {rec['format']}) ==="
+        parts = [head, "Question:", indent(rec["question"])]
+        if rec["context"]:
+            paras = "\n".join(f"[{i + 1}] {t}" for i, t in enumerate(rec["context"]["paragraphs"]))
+            table = render_table(rec["context"]["table"])
+            parts += ["Context:", indent(f"Table:\n{table}\n\nParagraphs:\n{paras}")]
+        many = len(rec["answers"]) > 1
+        parts += ["Gold answer:", indent(rec["gold"]), "Model answers:" if many else "Model answer:"]
+    width = max(len(r["model"]) for r in rec["answers"])
+    for r in rec["answers"]:
+        mark = f"{'correct' if r['correct'] else 'incorrect':<11}" if "correct" in r else ""
+        lines = (r["answer"] or "(empty)").splitlines()
+        parts.append(f"  {r['model']:<{width}}  {mark}{lines[0]}")
+        parts += [" " * (width + 4 + len(mark)) + line for line in lines[1:]]
+    return "\n".join(parts) + "\n"
+
+
+def speed_text(specs: list[ModelSpec], results: list[tuple]) -> str:
+    return "Generation speed:\n" + "\n".join(
+        f"  {spec.label}: {s['new_tokens']} tokens in {s['seconds']:.2f} s = {s['tokens_per_s']:.1f} tokens/s"
+        for spec, (_, s) in zip(specs, results, strict=True))
+
+
+def chat(spec: ModelSpec, a: argparse.Namespace) -> None:
+    """Interactive loop: the whole conversation is the prompt; answers stream as they are generated."""
+    from transformers import TextStreamer, set_seed
+
+    from hpml_ft.generation import generate
+
+    model, tok = load_model(spec, a.dtype)
+    set_seed(a.seed)
+    system = [{"role": "system", "content": a.system_prompt}] if a.system_prompt else []
+    history: list[dict] = []
+    print(f"[hpml_ft] chatting with {spec.label}; /reset clears the conversation, /exit or Ctrl-D quits")
+    while True:
+        try:
+            user = input("\nyou> ").strip()
+        except EOFError:
+            user = "/exit"
+        if user in ("/exit", "/quit"):
+            return
+        if user == "/reset":
+            history = []
+        if not user or user == "/reset":
+            continue
+        history.append({"role": "user", "content": user})
+        print("bot> ", end="", flush=True)
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        texts, _ = generate(model, tok, [system + history], a.max_new_tokens, 1, streamer=streamer,
+                            **gen_kwargs(a))
+        history.append({"role": "assistant", "content": texts[0]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # generation-config notices and load bars would drown the answers
+    logging.disable_progress_bar()
+    specs, ref_run = model_specs(a)
+    if a.chat:
+        chat(specs[0], a)
+        return 0
+    if a.prompt:
+        prompts = [with_system([{"role": "user", "content": p}], a.system_prompt) for p in a.prompt]
+        results = answer_all(specs, prompts, a)
+        recs = [{"prompt": p, "system": a.system_prompt, "answers": answer_rows(specs, results, j)}
+                for j, p in enumerate(a.prompt)]
+    else:
+        samples, fmt, source = eval_set(a, ref_run)
+        chosen = pick(samples, a.sid, source)
+        results = answer_all(specs, [with_system(s["messages"][:-1], a.system_prompt) for s in chosen], a)
+        recs = [sample_record(sid, s, fmt, answer_rows(specs, results, j, s, fmt))
+                for j, (sid, s) in enumerate(zip(a.sid, chosen, strict=True))]
+        if not a.json:
+            print(f"[hpml_ft] {len(chosen)} sample(s) from the {source}; correct = exact match with gold\n")
+    for j, rec in enumerate(recs):
+        print(json.dumps(rec) if a.json else record_text(rec, j))
+    if not a.json:
+        print(speed_text(specs, results))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

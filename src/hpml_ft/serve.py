@@ -1,0 +1,121 @@
+"""`python -m hpml_ft.serve [RUN_DIR_OR_MODEL] [--host 127.0.0.1] [--port 8000]`: OpenAI-compatible API.
+
+Runs `transformers serve` (the `transformers[serving]` extra: fastapi, uvicorn, openai) pinned to one local
+model: a run's merged model (default: the latest finished run under outputs/), a model dir or 'embedded'.
+The server loads the model before it listens, so `GET /health` answering means it is ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import socket
+import sys
+from pathlib import Path
+
+from hpml_ft.errors import fail, run_cli
+from hpml_ft.outputs import latest_finished_run
+
+SERVING_MODULES = ("fastapi", "uvicorn", "openai")  # what is_serve_available() of transformers checks
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hpml_ft.serve", description=__doc__.splitlines()[0])
+    p.add_argument("model", nargs="?", help="run dir (serves its merged/), model dir or 'embedded' "
+                                            "(default: the latest finished run under outputs/)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dry-run", action="store_true", help="check model and port, print usage, exit")
+    a = p.parse_args(argv)
+    if not 0 < a.port < 65536:
+        fail(f"--port {a.port} is not a TCP port (1-65535)")
+    return a
+
+
+def model_dir(target: str | None) -> Path:
+    """The complete local model directory to serve (resolved as `hpml_ft.infer` resolves a model)."""
+    from hpml_ft.infer import resolve_entry
+
+    if target is None:
+        run = latest_finished_run("outputs")
+        if run is None:
+            fail("no finished run under outputs/; pass a run dir, a model dir or 'embedded'")
+        target = str(run)
+    is_adapter = (Path(target) / "adapter_config.json").is_file()
+    adapter = target if is_adapter else resolve_entry(target, None).adapter  # a run with no merged model
+    if adapter:
+        fail(f"{target} is a LoRA adapter but transformers serve needs a standalone model; merge it first: "
+             f"python -m hpml_ft.merge --adapter {adapter} --out {Path(adapter).parent / 'merged'}")
+    spec = resolve_entry(target, None)
+    p = Path(spec.path)
+    if not p.is_dir():
+        fail(f"{target} is not a local model directory; pass a run dir, a saved model dir or 'embedded'")
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        fail(f"{p} has no tokenizer files; save the tokenizer next to the model (tok.save_pretrained)")
+    return p.resolve()
+
+
+def check_serving_deps() -> None:
+    missing = [m for m in SERVING_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(f"serving needs {', '.join(missing)}: pip install 'transformers[serving]' "
+             "(or: pip install -e '.[serve]')")
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            fail(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or stop what uses it")
+
+
+def usage(model: Path, host: str, port: int) -> str:
+    """Base URL plus ready-to-paste curl and openai-client examples."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{shown}:{port}"
+    hello = [{"role": "user", "content": "Hello! Who are you?"}]
+    body = {"model": str(model), "messages": hello, "max_tokens": 64}
+    return "\n".join([
+        f"[hpml_ft] serving {model} with `transformers serve` (OpenAI-compatible API)",
+        f"  base URL: {base}/v1   (ready when {base}/health answers; Ctrl-C stops it)",
+        f"  model:    {model}   (the only model this server answers for; the field may be omitted)",
+        "",
+        "  curl example:",
+        f"    curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\",
+        f"      -d {shlex.quote(json.dumps(body))}",
+        "",
+        "  openai client example (pip install openai):",
+        "    from openai import OpenAI",
+        f"    client = OpenAI(base_url={base + '/v1'!r}, api_key='unused')",
+        f"    reply = client.chat.completions.create(model={str(model)!r}, max_tokens=64,",
+        f"                                           messages={hello!r})",
+        "    print(reply.choices[0].message.content)",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    model = model_dir(a.model)
+    check_serving_deps()
+    check_port(a.host, a.port)
+    print(usage(model, a.host, a.port), flush=True)
+    if a.dry_run:
+        return 0
+    # A local model needs no hub; the update check of the transformers CLI would query PyPI on every start.
+    env = {**os.environ, "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model), "--host", a.host,
+           "--port", str(a.port), "--device", a.device, "--dtype", a.dtype]
+    os.execve(sys.executable, cmd, env)  # the server replaces this process: signals and exit code are its own
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
