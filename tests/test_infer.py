@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging as std_logging
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ def _in_tmp(tmp_path, monkeypatch):
 
     logging.set_verbosity_warning()
     logging.enable_progress_bar()
+    std_logging.getLogger("bitsandbytes").setLevel(std_logging.NOTSET)
 
 
 def exit_code(argv: list[str]) -> int:

@@ -103,7 +103,7 @@ def resolve_model(spec: str) -> str:
                 fail(f"run {p} has no merged/ model; write one: "
                      f"python -m hpml_ft.merge --adapter {p}/adapter --out {p}/merged")
             p = p / "merged"
-        return str(require_complete_model(p))
+        return str(require_complete_model(p).resolve())
     path = resolve_model_path(spec)  # fails with one line on a missing local path
     if spec != EMBEDDED_MODEL:
         check_hub_model_available(path)

@@ -331,6 +331,7 @@ def chat(spec: ModelSpec, a: argparse.Namespace) -> None:
             return
         if user == "/reset":
             history = []
+            print("[conversation cleared]")
         if not user or user == "/reset":
             continue
         history.append({"role": "user", "content": user})
@@ -341,12 +342,20 @@ def chat(spec: ModelSpec, a: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": texts[0]})
 
 
+def quiet() -> None:
+    """Generation-config notices, load bars and bitsandbytes' CPU-kernel notice would drown the answers."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()  # generation-config notices and load bars would drown the answers
-    logging.disable_progress_bar()
+    quiet()
     specs, ref_run = model_specs(a)
     if a.chat:
         chat(specs[0], a)

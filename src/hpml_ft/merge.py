@@ -59,8 +59,8 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base_path: str | Non
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0][:200]
-        fail(f"adapter {adapter_dir} does not fit base {base_path} ({first}); pass the base it was trained on "
+        why = "tensor shapes differ" if "size mismatch" in str(err) else str(err).strip().splitlines()[0][:160]
+        fail(f"adapter {adapter_dir} does not fit base {base_path} ({why}); pass the base it was trained on "
              f"(--base {adapter_base(adapter_dir) or 'MODEL'})")
     merged = model.merge_and_unload()
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path

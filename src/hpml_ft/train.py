@@ -84,12 +84,14 @@ def sft_config(cfg: Config, accum: int) -> SFTConfig:
 
 
 def check_environment(cfg: Config) -> None:
-    """Checks that need no model: optional packages, DeepSpeed JSON, tracking backends."""
+    """Checks that need no model: precision, attention, optional packages, DeepSpeed JSON, tracking backends."""
     import importlib.util
     import json
 
-    from hpml_ft.model import check_bitsandbytes
+    from hpml_ft.model import attn_implementation, check_bitsandbytes, torch_dtype
 
+    precision_flags(cfg)  # fp16/bf16 asked for on a machine that cannot run it
+    attn_implementation(cfg.model, torch_dtype(cfg.model))  # FlashAttention-2 asked for without flash-attn/CUDA
     if cfg.quantized_4bit or cfg.model.load_in_8bit or cfg.train.optimizer != "adamw_torch":
         check_bitsandbytes()
     if cfg.train.deepspeed:
