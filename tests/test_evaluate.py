@@ -83,6 +83,7 @@ def runs(tmp_path, tiny_model_dir) -> Path:
 def test_eval_cli_compares_models_and_loads_each_once(tmp_path, tiny_model_dir, runs, monkeypatch, capsys):
     import hpml_ft.eval as ev
 
+    monkeypatch.chdir(tmp_path)  # no outputs/ of the checkout can leak in
     loads = []
     real = ev.load_model
     monkeypatch.setattr(ev, "load_model", lambda path, *a: loads.append(path) or real(path, *a))

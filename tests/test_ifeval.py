@@ -63,7 +63,7 @@ def test_missing_nltk_data_is_unsupported_not_a_crash():
     if nltk_status()["taggers/averaged_perceptron_tagger_eng"]:
         pytest.skip("the NLTK tagger is installed here, so nothing is missing")
     _, m = score_responses(_one("words:start_verb", {}), ["Run to the store."])
-    assert "averaged_perceptron_tagger_eng" in m["unsupported"]["words:start_verb"]["why"]
+    assert "not found" in m["unsupported"]["words:start_verb"]["why"]  # the tagger (or punkt_tab) is missing
     assert m["prompts_scored"] == 0 and m["prompt_strict"] is None
 
 
@@ -124,9 +124,10 @@ def test_scoring_cli_on_saved_responses(tmp_path):
     assert res["metrics"]["prompt_loose"] == 66.67 and len(res["rows"]) == 6
 
 
-def test_eval_cli_ifeval_on_tiny_model(tmp_path, tiny_model_dir):
+def test_eval_cli_ifeval_on_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
     from hpml_ft.eval import main
 
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "eval"
     assert main(["--models", str(tiny_model_dir), "--ifeval", str(PROMPTS), "--max-new-tokens", "6",
                  "--out", str(out)]) == 0
@@ -138,3 +139,25 @@ def test_eval_cli_ifeval_on_tiny_model(tmp_path, tiny_model_dir):
     assert f"| {tiny_model_dir.name} | 6 |" in md and "made_up:instruction" in md
     rows = [json.loads(line) for line in (out / res["models"][0]["predictions"]).read_text().splitlines()]
     assert [r["id"] for r in rows] == ["k1", "k2", "k3", "k4", "k5", "k6"] and "instructions" in rows[0]
+
+
+def test_a_crashing_checker_counts_as_not_followed_and_says_why(monkeypatch):
+    from hpml_ft.ifeval import registry
+
+    class Crashes:
+        def __init__(self, instruction_id: str) -> None:
+            pass
+
+        def build_description(self, **kwargs):
+            return ""
+
+        def get_instruction_args(self):
+            return None
+
+        def check_following(self, value):
+            raise IndexError("sentence 3 of 2")
+
+    monkeypatch.setitem(registry(), "punctuation:no_comma", Crashes)
+    scored, m = score_responses(_one("punctuation:no_comma", {}), ["fine"])
+    assert m["checker_errors"] == 1 and m["instruction_loose"] == 0.0 and not m["unsupported"]
+    assert scored[0]["instructions"][0]["error"] == "IndexError: sentence 3 of 2"

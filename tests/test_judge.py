@@ -98,6 +98,10 @@ def test_unreachable_endpoint_fails_fast_and_request_errors_are_counted():
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory):
     """A real `transformers serve` of the tiny model on 127.0.0.1; always stopped afterwards."""
+    from transformers.utils.import_utils import is_serve_available
+
+    if not is_serve_available():
+        pytest.skip("transformers serve needs fastapi/uvicorn: pip install 'transformers[serving]'")
     port, log = _free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve",
            str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
@@ -148,9 +152,10 @@ def test_endpoint_judge_against_real_server(served):
     assert again == rows[0]["judge_output"]
 
 
-def test_eval_cli_with_endpoint_judge(served, tmp_path, tiny_model_dir):
+def test_eval_cli_with_endpoint_judge(served, tmp_path, tiny_model_dir, monkeypatch):
     from hpml_ft.eval import main
 
+    monkeypatch.chdir(tmp_path)
     url, log = served
     out = tmp_path / "eval"
     assert main(["--models", str(tiny_model_dir), "--data", str(FIXTURE), "--limit", "2",

@@ -43,7 +43,8 @@ class DataConfig(_Section):
     path: str = "demo"
     format: Literal["auto", "alpaca", "chat", "tatqa"] = "auto"
     split: str = "train"  # split to read when `path` is a hub id
-    eval_path: str | None = None  # a separate eval file; else `eval_fraction` of `path` is held out
+    eval_path: str | None = None  # a separate eval file/hub id; else `eval_fraction` of `path` is held out
+    eval_split: str | None = None  # a named split (e.g. "test") of eval_path, or of path when eval_path is unset
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_samples: int | None = Field(None, gt=0)  # cap after loading, for quick runs
     max_eval_samples: int | None = Field(None, gt=0)

@@ -126,9 +126,9 @@ def split_by_group(samples: list[dict], fraction: float, seed: int) -> tuple[lis
 
 def load_splits(cfg: DataConfig) -> Splits:
     samples, fmt = load_samples(cfg.path, cfg.format, cfg.split, cfg.system_prompt, cfg.demo_size, cfg.seed)
-    if cfg.eval_path:
+    if cfg.eval_path or cfg.eval_split:
         train = samples
-        evals, _ = load_samples(cfg.eval_path, fmt, cfg.split, cfg.system_prompt)
+        evals, _ = load_samples(cfg.eval_path or cfg.path, fmt, cfg.eval_split or cfg.split, cfg.system_prompt)
     else:
         train, evals = split_by_group(samples, cfg.eval_fraction, cfg.seed)
     if cfg.max_samples:

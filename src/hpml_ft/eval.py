@@ -25,7 +25,8 @@ from typing import Any
 from hpml_ft import EMBEDDED_MODEL
 from hpml_ft.config import ModelConfig, build_config, load_config
 from hpml_ft.errors import fail, run_cli
-from hpml_ft.judge import add_judge_args
+from hpml_ft.evaluate import load_model
+from hpml_ft.judge import add_judge_args, judge_rows, judge_spec_from_args, summarize_rows
 from hpml_ft.outputs import RUN_RECORD, latest_finished_run, read_run
 
 
@@ -108,8 +109,8 @@ def load_task(args: argparse.Namespace) -> Task:
     elif args.recipe:
         cfg = load_config(args.recipe)
         splits = load_splits(cfg.data)
-        run = cfg.run_dir if (cfg.run_dir / RUN_RECORD).exists() else None
-        task = Task("qa", splits.format, f"{args.recipe} eval split", splits.eval, cfg.model, run or latest,
+        run = cfg.run_dir if (cfg.run_dir / RUN_RECORD).exists() else None  # its own run, not the latest
+        task = Task("qa", splits.format, f"{args.recipe} eval split", splits.eval, cfg.model, run,
                     cfg.model.name_or_path)
     elif latest is not None:
         task = _qa_from_run(latest)
@@ -131,14 +132,15 @@ def _label(spec: str, path: str) -> str:
 
 
 def resolve_models(args: argparse.Namespace, task: Task) -> list[tuple[str, str]]:
-    """(label, resolved path) per spec; 'base' is the recipe's / first run's base, else the embedded model."""
+    """(label, path) per spec; 'base': the recipe's model, else the first run's (named or latest) base, else
+    the embedded model."""
     from hpml_ft.evaluate import resolve_model
 
     specs = [s.strip() for s in (args.models or "").split(",") if s.strip()]
     if not specs:
         specs = ["base"] + ([str(task.run)] if task.run else [])
-    runs = [Path(s) for s in specs if (Path(s) / RUN_RECORD).is_file()]
-    base = task.base or (_run_base(runs[0]) if runs else None) or EMBEDDED_MODEL
+    runs = [Path(s) for s in specs if (Path(s) / RUN_RECORD).is_file()] + ([task.run] if task.run else [])
+    base = task.base or (_run_base(runs[0]) if runs else EMBEDDED_MODEL)
     out, seen = [], set()
     for spec in specs:
         path = resolve_model(base if spec == "base" else spec)
@@ -158,38 +160,28 @@ def out_dir(args: argparse.Namespace) -> Path:
     return out
 
 
-def load_model(path: str, mcfg: ModelConfig, dtype: str | None) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
+def load_tokenizers(models: list[tuple[str, str]], task: Task) -> dict[str, Any]:
+    """Every tokenizer up front (fast): a model without a chat template fails before any generation."""
+    from hpml_ft.model import load_tokenizer
 
-    from hpml_ft.model import attn_implementation, torch_dtype
-
-    mcfg = ModelConfig(dtype=dtype or mcfg.dtype, attn_implementation=mcfg.attn_implementation,
-                       trust_remote_code=mcfg.trust_remote_code)
-    dt = torch_dtype(mcfg)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=mcfg.trust_remote_code,
-                                                 attn_implementation=attn_implementation(mcfg, dt))
-    return model.to("cuda") if torch.cuda.is_available() else model
+    return {path: load_tokenizer(path, task.model_cfg.trust_remote_code) for _, path in models}
 
 
-def answer_all(models: list[tuple[str, str]], task: Task,
+def answer_all(models: list[tuple[str, str]], toks: dict[str, Any], task: Task,
                args: argparse.Namespace) -> dict[str, tuple[list, dict]]:
     """Generate with each distinct model once (a path named twice is reused), freeing it before the next."""
     from hpml_ft.evaluate import generate_all
-    from hpml_ft.model import load_tokenizer
 
     if task.kind == "ifeval":
         prompts = [[{"role": "user", "content": r["prompt"]}] for r in task.items]
     else:
         prompts = [s["messages"][:-1] for s in task.items]
-    max_new = args.max_new_tokens
     done: dict[str, tuple[list, dict]] = {}
     for label, path in models:
         if path in done:
             continue
-        tok = load_tokenizer(path, task.model_cfg.trust_remote_code)
         model = load_model(path, task.model_cfg, args.dtype)
-        done[path] = generate_all(model, tok, prompts, max_new, args.batch_size, desc=label)
+        done[path] = generate_all(model, toks[path], prompts, args.max_new_tokens, args.batch_size, label)
         del model
         gc.collect()
     return done
@@ -251,15 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     task = load_task(args)
     args.max_new_tokens = args.max_new_tokens or (512 if task.kind == "ifeval" else 64)
     models = resolve_models(args, task)
-    from hpml_ft.judge import judge_rows, judge_spec_from_args, summarize_rows
-
+    toks = load_tokenizers(models, task)
     if (args.judge or args.judge_url) and task.kind == "ifeval":
         fail("--judge/--judge-url grade QA answers; IFEval is checked by rules, drop the judge option")
     spec = judge_spec_from_args(args, args.batch_size)
     out = out_dir(args)
     print(f"[hpml_ft] {len(task.items)} {task.fmt} samples from {task.data}; models: "
           + ", ".join(f"{label} ({path})" for label, path in models), file=sys.stderr)
-    results = score_all(models, task, answer_all(models, task, args))
+    results = score_all(models, task, answer_all(models, toks, task, args))
     if spec:
         judge_rows(spec, [row for r in results for row in r["rows"]])  # one judge load for every model
         for r in results:

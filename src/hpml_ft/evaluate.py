@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpml_ft import EMBEDDED_MODEL
+from hpml_ft.config import ModelConfig
 from hpml_ft.errors import fail
 from hpml_ft.generation import exact_match, normalize
 
@@ -108,6 +109,22 @@ def resolve_model(spec: str) -> str:
     if spec != EMBEDDED_MODEL:
         check_hub_model_available(path)
     return path
+
+
+def load_model(path: str, mcfg: ModelConfig | None = None, dtype: str | None = None) -> PreTrainedModel:
+    """A causal LM for generation, dtype and attention picked by model.py (bf16 on GPUs, fp32 on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hpml_ft.model import attn_implementation, torch_dtype
+
+    mcfg = mcfg or ModelConfig()
+    mcfg = ModelConfig(dtype=dtype or mcfg.dtype, attn_implementation=mcfg.attn_implementation,
+                       trust_remote_code=mcfg.trust_remote_code)
+    dt = torch_dtype(mcfg)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=mcfg.trust_remote_code,
+                                                 attn_implementation=attn_implementation(mcfg, dt))
+    return model.to("cuda") if torch.cuda.is_available() else model
 
 
 def generate_all(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[list[dict]],

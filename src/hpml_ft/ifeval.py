@@ -61,7 +61,9 @@ def load_ifeval(path: str) -> list[dict]:
             r = json.loads(line)
         except json.JSONDecodeError as err:
             fail(f"{p}: line {n} is not JSON ({err.msg}); an IFEval file has one JSON object per line")
-        ok = isinstance(r, dict) and {"key", "prompt", "instruction_id_list", "kwargs"} <= r.keys()
+        ok = (isinstance(r, dict) and {"key", "prompt", "instruction_id_list", "kwargs"} <= r.keys()
+              and isinstance(r["instruction_id_list"], list) and isinstance(r["kwargs"], list)
+              and all(kw is None or isinstance(kw, dict) for kw in r["kwargs"]))
         if not ok or len(r["kwargs"]) != len(r["instruction_id_list"]):
             fail(f"{p}: line {n} needs key, prompt, instruction_id_list and one kwargs dict per instruction")
         rows.append({**r, "key": str(r["key"])})
@@ -97,8 +99,12 @@ def _no_nltk_download() -> Iterator[None]:
 @functools.cache
 def registry() -> dict[str, Any]:
     """Instruction id -> checker class, IFEval's and IFBench's (their ids do not overlap)."""
-    import nltk
-
+    try:
+        import if_verifiable  # noqa: F401
+        import nltk
+    except ImportError as err:
+        fail(f"IFEval/IFBench checking needs the if-verifiable package ({err.name} is missing): "
+             "pip install if-verifiable")
     for d in nltk_data_dirs():
         if d not in nltk.data.path:
             nltk.data.path.append(d)
@@ -149,9 +155,12 @@ def check_instruction(row: dict, i: int, response: str) -> dict[str, Any]:
         return {"id": iid, "unsupported": "unknown to if-verifiable"}
     try:
         results, _ = evaluate_instructions(response, [iid], [row["kwargs"][i] or {}], row["prompt"], reg)
-    except LookupError as err:  # NLTK data that is not installed
-        why = [line.strip() for line in str(err).splitlines() if "Resource" in line]
-        return {"id": iid, "unsupported": why[0] if why else "NLTK data missing"}
+    except Exception as err:  # noqa: BLE001
+        if type(err) is LookupError:  # NLTK's "resource not found" (IndexError/KeyError are LookupErrors too)
+            why = [line.strip() for line in str(err).splitlines() if "Resource" in line]
+            return {"id": iid, "unsupported": why[0] if why else "NLTK data missing"}
+        # a checker crashing on odd text: the instruction is not followed, and the row says why
+        return {"id": iid, "strict": False, "loose": False, "error": f"{type(err).__name__}: {err}"[:200]}
     if not results:  # an empty response (after dropping a <think> block) follows nothing
         return {"id": iid, "strict": False, "loose": False}
     return {"id": iid, "strict": results[0].strict_pass, "loose": results[0].loose_pass}
@@ -205,6 +214,7 @@ def _metrics(out: list[dict], unsupported: dict[str, str]) -> dict[str, Any]:
     counts = Counter(c["id"] for row in out for c in row["instructions"])
     return {
         "n": len(out), "prompts_scored": len(scored), "instructions_scored": n_instr,
+        "checker_errors": sum("error" in c for row in out for c in row["instructions"]),
         "prompt_strict": _pct(sum(r["prompt_strict"] for r in scored), len(scored)),
         "prompt_loose": _pct(sum(r["prompt_loose"] for r in scored), len(scored)),
         "instruction_strict": _pct(sum(c["strict"] for c in per_id.values()), n_instr),

@@ -1,5 +1,7 @@
-"""LLM-as-judge: a 1-5 rubric prompt (Prometheus-style absolute grading) answered by a local HF model or an
-OpenAI-compatible endpoint; robust score parsing; mean and distribution.
+"""LLM-as-judge: Prometheus-style 1-5 rubric grading by a local HF model or an OpenAI-compatible endpoint.
+
+The prompt gives the task, the instruction, the response, an optional reference answer and the rubric, and
+asks for feedback ending in `[RESULT] N`. Scores are parsed robustly; unparsed replies are counted.
 
 `python -m hpml_ft.judge --predictions FILE.jsonl (--judge PATH | --judge-url URL)` re-judges a predictions
 file written by `python -m hpml_ft.eval`; the eval CLI takes the same --judge* options to judge as it goes.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import urllib.error
 import urllib.parse
@@ -121,8 +124,6 @@ def _open(req: urllib.request.Request, timeout: float) -> Any:
 
 
 def _request(url: str, payload: dict | None, timeout: float) -> dict:
-    import os
-
     headers = {"Content-Type": "application/json"}
     key = os.environ.get("HPML_FT_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
     if key:
@@ -145,7 +146,7 @@ def check_endpoint(url: str, model: str | None, timeout: float) -> str:
         fail(f"--judge-url must be an http(s) URL like http://127.0.0.1:8000/v1, not '{url}'")
     try:
         listed = [m.get("id") for m in _request(url.rstrip("/") + "/models", None, timeout).get("data", [])]
-    except (urllib.error.URLError, OSError, ValueError) as err:
+    except (urllib.error.URLError, OSError, ValueError, AttributeError, TypeError) as err:
         fail(f"judge endpoint {url} is not reachable ({_why(err)}); start the server or fix --judge-url")
     if model:
         return model
@@ -174,13 +175,11 @@ def _endpoint_outputs(spec: JudgeSpec, prompts: list[str]) -> list[tuple[str | N
 
 
 def _local_outputs(spec: JudgeSpec, prompts: list[str]) -> list[tuple[str | None, str | None]]:
-    from transformers import AutoModelForCausalLM
-
-    from hpml_ft.evaluate import generate_all
+    from hpml_ft.evaluate import generate_all, load_model
     from hpml_ft.model import load_tokenizer
 
     tok = load_tokenizer(spec.path)
-    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype="auto")
+    model = load_model(spec.path)
     chats = [[{"role": "user", "content": p}] for p in prompts]
     texts, _ = generate_all(model, tok, chats, spec.max_new_tokens, spec.batch_size, desc="judge")
     del model

@@ -158,7 +158,12 @@ def bnb_config(cfg: Config) -> BitsAndBytesConfig | None:
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:  # hub id not cached and no network, gated repo, ...
+        first = str(err).strip().splitlines()[0][:160]
+        fail(f"could not load the tokenizer of '{path}' ({first}); download the model first "
+             "(huggingface-cli download) or pass a local directory or 'embedded'")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
