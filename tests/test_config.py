@@ -23,8 +23,15 @@ def test_defaults_need_epochs_or_steps():
 
 def test_dotted_overrides_are_typed(tmp_path):
     p = _recipe(tmp_path, "train:\n  num_epochs: 1\n  learning_rate: 2.0e-4\npeft:\n  r: 16\n")
-    cfg = load_config(p, ["train.learning_rate=1e-4", "peft.r=8", "model.name_or_path=some/model",
-                          "peft.target_modules=[q_proj, v_proj]"])
+    cfg = load_config(
+        p,
+        [
+            "train.learning_rate=1e-4",
+            "peft.r=8",
+            "model.name_or_path=some/model",
+            "peft.target_modules=[q_proj, v_proj]",
+        ],
+    )
     assert cfg.train.learning_rate == pytest.approx(1e-4)
     assert cfg.peft.r == 8 and cfg.peft.target_modules == ["q_proj", "v_proj"]
     assert cfg.model.name_or_path == "some/model"
@@ -39,14 +46,34 @@ def test_config_is_frozen():
 @pytest.mark.parametrize(
     ("text", "overrides", "message"),
     [
-        ("train:\n  lerning_rate: 1e-4\n  max_steps: 1\n", [], "unknown key 'train.lerning_rate' (did you mean 'train.learning_rate'?)"),
+        (
+            "train:\n  lerning_rate: 1e-4\n  max_steps: 1\n",
+            [],
+            "unknown key 'train.lerning_rate' (did you mean 'train.learning_rate'?)",
+        ),
         ("trian:\n  max_steps: 1\n", [], "unknown key 'trian' (did you mean 'train'?)"),
-        ("train:\n  max_steps: 1\n", ["train.learning_rate=-1"], "train.learning_rate: Input should be greater than 0"),
+        (
+            "train:\n  max_steps: 1\n",
+            ["train.learning_rate=-1"],
+            "train.learning_rate: Input should be greater than 0",
+        ),
         ("train:\n  max_steps: many\n", [], "train.max_steps: Input should be a valid integer"),
-        ("train:\n  max_steps: 1\n  num_epochs: 2\n", [], "set exactly one of train.num_epochs and train.max_steps"),
-        ("train:\n  max_steps: 1\n  effective_batch_size: 6\n  per_device_batch_size: 4\n", [], "not a multiple"),
+        (
+            "train:\n  max_steps: 1\n  num_epochs: 2\n",
+            [],
+            "set exactly one of train.num_epochs and train.max_steps",
+        ),
+        (
+            "train:\n  max_steps: 1\n  effective_batch_size: 6\n  per_device_batch_size: 4\n",
+            [],
+            "not a multiple",
+        ),
         ("train:\n  max_steps: 1\npeft:\n  method: qlora\ntrain2: 1\n", [], "unknown key 'train2'"),
-        ("train:\n  max_steps: 1\npeft:\n  method: full\nmodel:\n  load_in_4bit: true\n", [], "full fine-tuning cannot"),
+        (
+            "train:\n  max_steps: 1\npeft:\n  method: full\nmodel:\n  load_in_4bit: true\n",
+            [],
+            "full fine-tuning cannot",
+        ),
         ("train:\n  max_steps: 1\n  deepspeed: deepspeed/zero3.json\npeft:\n  method: qlora\n", [], "ZeRO-3"),
         ("train:\n  max_steps: 1\npeft:\n  method: lorra\n", [], "peft.method: Input should be"),
     ],
@@ -71,7 +98,9 @@ def test_missing_recipe_and_bad_override(tmp_path):
 
 
 def test_grad_accum_from_effective_batch(monkeypatch):
-    cfg = load_config(None, ["train.max_steps=1", "train.per_device_batch_size=2", "train.effective_batch_size=16"])
+    cfg = load_config(
+        None, ["train.max_steps=1", "train.per_device_batch_size=2", "train.effective_batch_size=16"]
+    )
     assert grad_accum_steps(cfg, processes=1) == 8
     assert grad_accum_steps(cfg, processes=4) == 2
     with pytest.raises(UserError, match="not divisible by per_device_batch_size x processes = 2 x 3"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import build_tiny_tokenizer
+
 from hpml_ft.config import DataConfig
 from hpml_ft.data import build_dataset, load_samples, load_splits, split_by_group, tokenize_conversation
 from hpml_ft.errors import UserError
@@ -17,14 +17,28 @@ def make_tatqa(n_contexts: int = 6, questions: int = 3) -> list[dict]:
     """Invented TAT-QA-shaped contexts (the real dev file is never needed by tests)."""
     out = []
     for c in range(n_contexts):
-        qs = [{"uid": f"q{c}-{k}", "order": k + 1, "question": f"What was revenue in 20{10 + k}?",
-               "answer": [f"{100 + c + k}"] if k % 2 == 0 else 12.345 + c, "derivation": "",
-               "answer_type": "span" if k % 2 == 0 else "arithmetic", "answer_from": "table",
-               "rel_paragraphs": [], "req_comparison": False, "scale": "million" if k % 2 == 0 else "percent"}
-              for k in range(questions)]
-        out.append({"table": {"uid": f"t{c}", "table": [["", "2019", "2018"], ["Revenue", f"{c}0", f"{c}1"]]},
-                    "paragraphs": [{"uid": f"p{c}", "order": 1, "text": f"Company {c} grew in 2019."}],
-                    "questions": qs})
+        qs = [
+            {
+                "uid": f"q{c}-{k}",
+                "order": k + 1,
+                "question": f"What was revenue in 20{10 + k}?",
+                "answer": [f"{100 + c + k}"] if k % 2 == 0 else 12.345 + c,
+                "derivation": "",
+                "answer_type": "span" if k % 2 == 0 else "arithmetic",
+                "answer_from": "table",
+                "rel_paragraphs": [],
+                "req_comparison": False,
+                "scale": "million" if k % 2 == 0 else "percent",
+            }
+            for k in range(questions)
+        ]
+        out.append(
+            {
+                "table": {"uid": f"t{c}", "table": [["", "2019", "2018"], ["Revenue", f"{c}0", f"{c}1"]]},
+                "paragraphs": [{"uid": f"p{c}", "order": 1, "text": f"Company {c} grew in 2019."}],
+                "questions": qs,
+            }
+        )
     return out
 
 
@@ -36,7 +50,10 @@ def tatqa_file(tmp_path):
 
 
 def test_alpaca_json_and_jsonl(tmp_path):
-    rows = [{"instruction": "Say hi", "input": "", "output": "hi"}, {"instruction": "Add", "input": "1+1", "output": "2"}]
+    rows = [
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+        {"instruction": "Add", "input": "1+1", "output": "2"},
+    ]
     (tmp_path / "a.json").write_text(json.dumps(rows))
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     for name in ("a.json", "a.jsonl"):
@@ -47,8 +64,16 @@ def test_alpaca_json_and_jsonl(tmp_path):
 
 
 def test_chat_format(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+                {"role": "assistant", "content": "d"},
+            ]
+        }
+    ]
     (tmp_path / "c.jsonl").write_text(json.dumps(rows[0]))
     samples, fmt = load_samples(str(tmp_path / "c.jsonl"), system="be brief")
     assert fmt == "chat" and samples[0]["messages"][0]["content"] == "be brief"
@@ -89,9 +114,13 @@ def test_multi_turn_reads_the_table_once(tatqa_file):
 
 def test_labels_cover_answers_and_eos_only():
     tok = build_tiny_tokenizer()
-    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "Which is larger? 12 or 40"},
-            {"role": "assistant", "content": "40"}, {"role": "user", "content": "And 7 or 3?"},
-            {"role": "assistant", "content": "7"}]
+    msgs = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "Which is larger? 12 or 40"},
+        {"role": "assistant", "content": "40"},
+        {"role": "user", "content": "And 7 or 3?"},
+        {"role": "assistant", "content": "7"},
+    ]
     row = tokenize_conversation(tok, msgs)
     kept = tok.decode([t for t, m in zip(row["input_ids"], row["assistant_masks"], strict=True) if m])
     assert kept == "40<|im_end|>\n7<|im_end|>\n"
@@ -100,9 +129,13 @@ def test_labels_cover_answers_and_eos_only():
 
 def test_eos_added_when_template_omits_it():
     tok = build_tiny_tokenizer()
-    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
-                        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-    row = tokenize_conversation(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    row = tokenize_conversation(
+        tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    )
     kept = [t for t, m in zip(row["input_ids"], row["assistant_masks"], strict=True) if m]
     assert kept[-1] == tok.eos_token_id
 
@@ -121,7 +154,10 @@ def test_max_length_shorter_than_every_prompt():
         ("[]", "the dataset is empty"),
         ('[{"instruction": "x", "oops": 1}]', "cannot tell the data format"),
         ('{"a": [1, 2}', "malformed JSON at line 1"),
-        ('[{"table": {"uid": "t", "table": []}, "paragraphs": [], "questions": [{"uid": "q"}]}]', "question lacks"),
+        (
+            '[{"table": {"uid": "t", "table": []}, "paragraphs": [], "questions": [{"uid": "q"}]}]',
+            "question lacks",
+        ),
     ],
 )
 def test_bad_data_files(tmp_path, content, message):

@@ -33,8 +33,17 @@ def test_gold_answers_score_perfectly_with_breakdown():
     cells = metrics["breakdown"]
     assert cells["arithmetic"]["table"]["count"] == 2 and cells["span"]["table-text"]["count"] == 1
     assert cells["multi-span"]["text"] == {"count": 1, "exact_match": 100.0, "f1": 100.0}
-    assert set(rows[0]) >= {"id", "prompt", "gold", "pred", "em", "f1", "pred_answer",
-                            "pred_scale", "scale_ok"}
+    assert set(rows[0]) >= {
+        "id",
+        "prompt",
+        "gold",
+        "pred",
+        "em",
+        "f1",
+        "pred_answer",
+        "pred_scale",
+        "scale_ok",
+    }
     official = official_predictions(rows)
     assert list(official) == UIDS and official["q-orchard-3"][0] == ["grocery chains", "online subscriptions"]
 
@@ -54,8 +63,13 @@ def test_plain_formats_use_em_and_token_f1():
     rows, metrics = score_samples(samples, ["Red fox!"], "alpaca")
     assert rows[0]["em"] == 1.0 and metrics == {"n": 1, "exact_match": 100.0, "f1": 100.0}
     worse = {**metrics, "exact_match": 0.0}
-    table = comparison_table([{"name": "m1", "metrics": metrics, "speed": {"tokens_per_s": 3.0}},
-                              {"name": "m2", "metrics": worse, "speed": {"tokens_per_s": 1.0}}], "alpaca")
+    table = comparison_table(
+        [
+            {"name": "m1", "metrics": metrics, "speed": {"tokens_per_s": 3.0}},
+            {"name": "m2", "metrics": worse, "speed": {"tokens_per_s": 1.0}},
+        ],
+        "alpaca",
+    )
     assert table.splitlines()[2].startswith("| m1 | 1 | 100.00") and "| m2 |" in table
 
 
@@ -73,8 +87,15 @@ def runs(tmp_path, tiny_model_dir) -> Path:
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     build_tiny_model(tok, seed=1).save_pretrained(merged)
     tok.save_pretrained(merged)
-    cfg = load_config(None, ["train.max_steps=1", f"data.path={FIXTURE}", "data.eval_fraction=0.5",
-                             f"model.name_or_path={tiny_model_dir}"])
+    cfg = load_config(
+        None,
+        [
+            "train.max_steps=1",
+            f"data.path={FIXTURE}",
+            "data.eval_fraction=0.5",
+            f"model.name_or_path={tiny_model_dir}",
+        ],
+    )
     run = {"status": "finished", "base_path": str(tiny_model_dir), "recipe": cfg.model_dump(mode="json")}
     (outputs / "run_a" / "run.json").write_text(json.dumps(run))
     return outputs
@@ -89,8 +110,25 @@ def test_eval_cli_compares_models_and_loads_each_once(tmp_path, tiny_model_dir, 
     monkeypatch.setattr(ev, "load_model", lambda path, *a: loads.append(path) or real(path, *a))
     out = tmp_path / "eval"
     models = f"base,{runs / 'run_a'},{tiny_model_dir}"
-    assert ev.main(["--models", models, "--data", str(FIXTURE), "--limit", "2", "--max-new-tokens", "4",
-                    "--batch-size", "2", "--out", str(out)]) == 0
+    assert (
+        ev.main(
+            [
+                "--models",
+                models,
+                "--data",
+                str(FIXTURE),
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--batch-size",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     # base is the run's base, i.e. the same tiny model as the third spec: loaded once
     assert sorted(loads) == sorted([str(tiny_model_dir), str(runs / "run_a" / "merged")])
     res = json.loads((out / "results.json").read_text())
@@ -119,15 +157,18 @@ def test_eval_cli_defaults_to_latest_run_eval_split(tmp_path, runs):
 
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpml_ft.eval", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "hpml_ft.eval", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def test_eval_cli_help_is_instant(tmp_path):
     proc = _run_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0 and "--models" in proc.stdout and "--judge-url" in proc.stdout
-    code = ("import sys, hpml_ft.eval, hpml_ft.judge, hpml_ft.ifeval; "
-            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    code = (
+        "import sys, hpml_ft.eval, hpml_ft.judge, hpml_ft.ifeval; "
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
 
 

@@ -35,7 +35,13 @@ def test_exact_accuracies_on_hand_written_responses():
     assert m["unsupported"] == {"made_up:instruction": {"count": 1, "why": "unknown to if-verifiable"}}
     assert m["by_instruction"]["punctuation:no_comma"] == {"n": 2, "strict": 50.0, "loose": 100.0}
     assert [(r["prompt_strict"], r["prompt_loose"]) for r in scored] == [
-        (True, True), (False, False), (False, True), (True, True), (False, False), (True, True)]
+        (True, True),
+        (False, False),
+        (False, True),
+        (True, True),
+        (False, False),
+        (True, True),
+    ]
     unknown = {"id": "made_up:instruction", "unsupported": "unknown to if-verifiable"}
     assert scored[4]["instructions"][1] == unknown
 
@@ -77,8 +83,9 @@ def test_no_network_is_touched(tmp_path):
         f"rows = load_ifeval({str(PROMPTS)!r})\n"
         "print(score_responses(rows, ['Hello there. Fine.'] * len(rows))[1]['instructions_scored'])\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "9"
 
@@ -97,12 +104,17 @@ def test_default_ifbench_set_loads_and_every_id_is_known():
     assert all("unknown" not in u["why"] for u in m["unsupported"].values())  # only missing NLTK data, if any
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ("not json", "not JSON"),
-    ('{"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": []}',
-     "one kwargs dict"),
-    ('{"key": 1, "prompt": "p"}', "instruction_id_list"),
-])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", "not JSON"),
+        (
+            '{"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": []}',
+            "one kwargs dict",
+        ),
+        ('{"key": 1, "prompt": "p"}', "instruction_id_list"),
+    ],
+)
 def test_malformed_files_fail_with_one_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(line + "\n")
@@ -129,8 +141,21 @@ def test_eval_cli_ifeval_on_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "eval"
-    assert main(["--models", str(tiny_model_dir), "--ifeval", str(PROMPTS), "--max-new-tokens", "6",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--models",
+                str(tiny_model_dir),
+                "--ifeval",
+                str(PROMPTS),
+                "--max-new-tokens",
+                "6",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["task"] == "ifeval" and res["n"] == 6 and res["max_new_tokens"] == 6
     metrics = res["models"][0]["metrics"]

@@ -46,15 +46,25 @@ def finished_run(tiny_model_dir, tmp_path) -> Path:
     shutil.copytree(tiny_model_dir, run / "merged")
     cfg = load_config(None, [f"data.path={FIXTURE}", "data.eval_fraction=0.5", "train.max_steps=1"])
     (run / "recipe.yaml").write_text(dump_config(cfg))
-    (run / "run.json").write_text(json.dumps({"status": "finished", "artifacts": {"merged": "merged"},
-                                              "format": "tatqa", "base_path": str(tiny_model_dir)}))
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "status": "finished",
+                "artifacts": {"merged": "merged"},
+                "format": "tatqa",
+                "base_path": str(tiny_model_dir),
+            }
+        )
+    )
     return run
 
 
 def test_help_is_fast_and_imports_no_torch():
-    code = ("import runpy, sys\nsys.argv = ['infer', '--help']\ntry:\n    runpy.run_module('hpml_ft.infer', "
-            "run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    code = (
+        "import runpy, sys\nsys.argv = ['infer', '--help']\ntry:\n    runpy.run_module('hpml_ft.infer', "
+        "run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "--compare" in out.stdout and "--prompt-lookup" in out.stdout
@@ -79,11 +89,14 @@ def test_tatqa_sample_shows_table_and_paragraphs(tiny_model_dir, capsys):
     assert "Gold answer:\n  310 thousand" in out
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--sid", "3"], "valid: 0-2"),
-    (["--sid", "0", "-1"], "--sid -1 is out of range"),
-    (["--sid", "0", "--prompt", "hi"], "pick one of --sid, --prompt and --chat"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sid", "3"], "valid: 0-2"),
+        (["--sid", "0", "-1"], "--sid -1 is out of range"),
+        (["--sid", "0", "--prompt", "hi"], "pick one of --sid, --prompt and --chat"),
+    ],
+)
 def test_bad_requests_exit_2_with_one_line(tiny_model_dir, capsys, extra, message):
     assert exit_code(["--data", str(FIXTURE), "--model_name_or_path", str(tiny_model_dir), *extra]) == 2
     err = capsys.readouterr().err
@@ -123,8 +136,16 @@ def test_adapter_is_applied_without_merging(tiny_model_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                           init_lora_weights=False, task_type="CAUSAL_LM"))
+    lora = get_peft_model(
+        base,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
     lora.save_pretrained(tmp_path / "adapter")
     assert main(["--adapter", str(tmp_path / "adapter"), "--prompt", "hello", "--json", *FAST]) == 0
     rec = json.loads(capsys.readouterr().out)
@@ -136,11 +157,14 @@ def test_adapter_is_applied_without_merging(tiny_model_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["answers"][0]["path"] == str(base_copy)  # explicit base wins
 
 
-@pytest.mark.parametrize("flags", [
-    ["--no-cache"],
-    ["--prompt-lookup", "2", "--batch-size", "4"],
-    ["--temperature", "0.8", "--top-p", "0.9", "--system-prompt", "You are a pirate. Answer like one."],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--no-cache"],
+        ["--prompt-lookup", "2", "--batch-size", "4"],
+        ["--temperature", "0.8", "--top-p", "0.9", "--system-prompt", "You are a pirate. Answer like one."],
+    ],
+)
 def test_generation_flags_run(tiny_model_dir, capsys, flags):
     argv = ["--model_name_or_path", str(tiny_model_dir), "--prompt", "Say hi", "--prompt", "Count", *flags]
     assert main([*argv, *FAST]) == 0

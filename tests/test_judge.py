@@ -28,24 +28,27 @@ from hpml_ft.judge import (
 FIXTURE = Path(__file__).parent / "fixtures" / "eval_tatqa.json"
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("Feedback: correct and concise. [RESULT] 4", 4),
-    ("Feedback: fine.\n[RESULT]: 3", 3),
-    ("[RESULT] **5**", 5),
-    ("[result](2)", 2),
-    ("[RESULT] 2 ... on second thought [RESULT] 5", 5),  # the last verdict counts
-    ("Score: 4/5", 4),
-    ("The final score is 3.", 3),
-    ("Rating: 2.0", 2),
-    ("I would give this 4 out of 5.", 4),
-    ("[RESULT] 7", None),  # out of range
-    ("[RESULT] 4.5", None),  # not a whole number
-    ("[RESULT] 10", None),
-    ("Score 1: wrong\nScore 5: right", None),  # an echoed rubric is not a verdict
-    ("The response is good.", None),
-    ("", None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Feedback: correct and concise. [RESULT] 4", 4),
+        ("Feedback: fine.\n[RESULT]: 3", 3),
+        ("[RESULT] **5**", 5),
+        ("[result](2)", 2),
+        ("[RESULT] 2 ... on second thought [RESULT] 5", 5),  # the last verdict counts
+        ("Score: 4/5", 4),
+        ("The final score is 3.", 3),
+        ("Rating: 2.0", 2),
+        ("I would give this 4 out of 5.", 4),
+        ("[RESULT] 7", None),  # out of range
+        ("[RESULT] 4.5", None),  # not a whole number
+        ("[RESULT] 10", None),
+        ("Score 1: wrong\nScore 5: right", None),  # an echoed rubric is not a verdict
+        ("The response is good.", None),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_parse_score(text, expected):
     assert parse_score(text) == expected
 
@@ -60,8 +63,14 @@ def test_prompt_has_every_part_and_an_optional_reference():
 
 def test_summary_counts_unparsed_never_drops_them():
     s = summarize([5, 4, None, 4, None], errors=1)
-    assert s == {"n": 5, "parsed": 3, "unparsed": 2, "errors": 1, "mean": 4.333,
-                 "distribution": {"1": 0, "2": 0, "3": 0, "4": 2, "5": 1}}
+    assert s == {
+        "n": 5,
+        "parsed": 3,
+        "unparsed": 2,
+        "errors": 1,
+        "mean": 4.333,
+        "distribution": {"1": 0, "2": 0, "3": 0, "4": 2, "5": 1},
+    }
     assert summarize([None])["mean"] is None
 
 
@@ -103,9 +112,21 @@ def served(tiny_model_dir, tmp_path_factory):
     if not is_serve_available():
         pytest.skip("transformers serve needs fastapi/uvicorn: pip install 'transformers[serving]'")
     port, log = _free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve",
-           str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-           "--log-level", "info"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from transformers.cli.transformers import main; main()",
+        "serve",
+        str(tiny_model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--log-level",
+        "info",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
@@ -158,9 +179,27 @@ def test_eval_cli_with_endpoint_judge(served, tmp_path, tiny_model_dir, monkeypa
     monkeypatch.chdir(tmp_path)
     url, log = served
     out = tmp_path / "eval"
-    assert main(["--models", str(tiny_model_dir), "--data", str(FIXTURE), "--limit", "2",
-                 "--max-new-tokens", "4", "--judge-url", url, "--judge-max-new-tokens", "8",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--models",
+                str(tiny_model_dir),
+                "--data",
+                str(FIXTURE),
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--judge-url",
+                url,
+                "--judge-max-new-tokens",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     judge = res["models"][0]["metrics"]["judge"]
     assert judge["n"] == 2 and judge["parsed"] + judge["unparsed"] == 2 and res["judge"].startswith(url)

@@ -23,8 +23,9 @@ def test_embedded_model_loads_fast_and_generates():
     model = AutoModelForCausalLM.from_pretrained(path)
     load_s = time.perf_counter() - start
     tok = load_tokenizer(path)
-    texts, speed = generate(model, tok, [[{"role": "user", "content": "What is the capital of France?"}]],
-                            max_new_tokens=12)
+    texts, speed = generate(
+        model, tok, [[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=12
+    )
     assert model.config.num_hidden_layers == 30 and "quantization_config" not in model.config.to_dict()
     assert "Paris" in texts[0], texts
     assert speed["new_tokens"] > 0

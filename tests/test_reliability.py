@@ -19,11 +19,25 @@ from hpml_ft.train import main as train_main
 
 def _args(tiny, data, out, steps, extra=()):
     # constant LR and 4 samples at batch 4: every step sees the same data, so runs are comparable step by step
-    return ["--", f"model.name_or_path={tiny}", f"data.path={data}", f"train.output_dir={out}", "name=r",
-            f"train.max_steps={steps}", "train.per_device_batch_size=4", "train.effective_batch_size=4",
-            "train.learning_rate=5e-3", "train.lr_scheduler=constant", "train.warmup_ratio=0",
-            "train.logging_steps=1", "data.max_samples=4", "train.eval_generate=0", "train.max_length=96",
-            "peft.method=lora", *extra][1:]
+    return [
+        "--",
+        f"model.name_or_path={tiny}",
+        f"data.path={data}",
+        f"train.output_dir={out}",
+        "name=r",
+        f"train.max_steps={steps}",
+        "train.per_device_batch_size=4",
+        "train.effective_batch_size=4",
+        "train.learning_rate=5e-3",
+        "train.lr_scheduler=constant",
+        "train.warmup_ratio=0",
+        "train.logging_steps=1",
+        "data.max_samples=4",
+        "train.eval_generate=0",
+        "train.max_length=96",
+        "peft.method=lora",
+        *extra,
+    ][1:]
 
 
 def _recipe(tmp_path: Path) -> Path:
@@ -34,15 +48,22 @@ def _recipe(tmp_path: Path) -> Path:
 
 def _spawn(recipe: Path, args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "hpml_ft.train", str(recipe), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpml_ft.train", str(recipe), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(tmp_path, out_name, args_extra, tiny, data, steps):
     recipe = _recipe(tmp_path)
     assert train_main([str(recipe), *_args(tiny, data, tmp_path / out_name, steps, args_extra)]) == 0
     run = tmp_path / out_name / "r"
-    return json.loads((run / "metrics.json").read_text()), load_file(run / "adapter" / "adapter_model.safetensors")
+    return json.loads((run / "metrics.json").read_text()), load_file(
+        run / "adapter" / "adapter_model.safetensors"
+    )
 
 
 def _assert_same(m_a, w_a, m_b, w_b):
@@ -55,8 +76,9 @@ def _assert_same(m_a, w_a, m_b, w_b):
 def test_kill9_then_resume_matches_uninterrupted(tiny_model_dir, alpaca_file, tmp_path):
     steps = 24
     m_ref, w_ref = _finish(tmp_path, "ref", ["train.save_steps=4"], tiny_model_dir, alpaca_file, steps)
-    proc = _spawn(_recipe(tmp_path), _args(tiny_model_dir, alpaca_file, tmp_path / "cut", steps,
-                                           ["train.save_steps=4"]))
+    proc = _spawn(
+        _recipe(tmp_path), _args(tiny_model_dir, alpaca_file, tmp_path / "cut", steps, ["train.save_steps=4"])
+    )
     ckpt = tmp_path / "cut" / "r" / "checkpoints" / "checkpoint-8"
     deadline = time.time() + 120
     while not (ckpt / "trainer_state.json").exists() and proc.poll() is None and time.time() < deadline:
@@ -64,8 +86,9 @@ def test_kill9_then_resume_matches_uninterrupted(tiny_model_dir, alpaca_file, tm
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "cut" / "r" / "run.json").exists(), "run finished before it could be killed"
-    m_cut, w_cut = _finish(tmp_path, "cut", ["train.save_steps=4", "train.resume=auto"], tiny_model_dir,
-                           alpaca_file, steps)
+    m_cut, w_cut = _finish(
+        tmp_path, "cut", ["train.save_steps=4", "train.resume=auto"], tiny_model_dir, alpaca_file, steps
+    )
     _assert_same(m_ref, w_ref, m_cut, w_cut)
 
 
@@ -91,10 +114,12 @@ def test_ctrl_c_saves_checkpoint_and_says_how_to_resume(tiny_model_dir, alpaca_f
 
 
 def test_same_seed_same_loss_curve(tiny_model_dir, alpaca_file, tmp_path):
-    m_a, w_a = _finish(tmp_path, "a", ["data.max_samples=12", "train.effective_batch_size=4"], tiny_model_dir,
-                       alpaca_file, 4)
-    m_b, w_b = _finish(tmp_path, "b", ["data.max_samples=12", "train.effective_batch_size=4"], tiny_model_dir,
-                       alpaca_file, 4)
+    m_a, w_a = _finish(
+        tmp_path, "a", ["data.max_samples=12", "train.effective_batch_size=4"], tiny_model_dir, alpaca_file, 4
+    )
+    m_b, w_b = _finish(
+        tmp_path, "b", ["data.max_samples=12", "train.effective_batch_size=4"], tiny_model_dir, alpaca_file, 4
+    )
     assert m_a["loss_curve"] == m_b["loss_curve"] and len(m_a["loss_curve"]) == 4
     assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
 
@@ -105,11 +130,23 @@ def test_trained_model_stops_at_eos(tiny_model_dir, tmp_path):
     from hpml_ft.generation import generate
 
     data = tmp_path / "ok.json"
-    data.write_text(json.dumps([{"instruction": f"Say ok {i}", "input": "", "output": "ok"} for i in range(8)]))
+    data.write_text(
+        json.dumps([{"instruction": f"Say ok {i}", "input": "", "output": "ok"} for i in range(8)])
+    )
     recipe = _recipe(tmp_path)
-    args = _args(tiny_model_dir, data, tmp_path / "out", 30, ["train.learning_rate=3e-3", "data.max_samples=8",
-                                                              "train.effective_batch_size=8",
-                                                              "train.per_device_batch_size=8", "peft.method=full"])
+    args = _args(
+        tiny_model_dir,
+        data,
+        tmp_path / "out",
+        30,
+        [
+            "train.learning_rate=3e-3",
+            "data.max_samples=8",
+            "train.effective_batch_size=8",
+            "train.per_device_batch_size=8",
+            "peft.method=full",
+        ],
+    )
     assert train_main([str(recipe), *args]) == 0
     merged = tmp_path / "out" / "r" / "merged"
     model, tok = AutoModelForCausalLM.from_pretrained(merged), AutoTokenizer.from_pretrained(merged)

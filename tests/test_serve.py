@@ -32,8 +32,10 @@ def free_port() -> int:
 
 
 def test_help_imports_no_torch():
-    code = ("import runpy, sys\nsys.argv = ['serve', '--help']\ntry:\n    runpy.run_module('hpml_ft.serve', "
-            "run_name='__main__')\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules")
+    code = (
+        "import runpy, sys\nsys.argv = ['serve', '--help']\ntry:\n    runpy.run_module('hpml_ft.serve', "
+        "run_name='__main__')\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "--port" in out.stdout
@@ -92,8 +94,11 @@ def test_server_answers_an_openai_chat_completion(tiny_model_dir, tmp_path):
         wait_ready(base, proc, log)
         messages = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Hi"}]
         body = {"model": str(tiny_model_dir.resolve()), "max_tokens": 5, "messages": messages}
-        req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{base}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             reply = ChatCompletion.model_validate(json.load(r))
         assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"

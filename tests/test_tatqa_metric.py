@@ -20,8 +20,14 @@ from hpml_ft.tatqa_metric import (
 
 
 def _q(uid: str, answer, answer_type: str, answer_from: str, scale: str = "") -> dict:
-    return {"uid": uid, "question": f"Invented question {uid}?", "answer": answer, "answer_type": answer_type,
-            "answer_from": answer_from, "scale": scale}
+    return {
+        "uid": uid,
+        "question": f"Invented question {uid}?",
+        "answer": answer,
+        "answer_type": answer_type,
+        "answer_from": answer_from,
+        "scale": scale,
+    }
 
 
 # Invented report of a fictional company (figures made up for these tests).
@@ -37,12 +43,16 @@ PAREN = _q("paren", ["(1,234)"], "span", "table", "thousand")
 ZERO = _q("zero", 0, "arithmetic", "table")
 ALL = [SPAN_K, SEGMENTS, RATIO, RATIO_3DP, MARGIN, COUNT, LOSS, REASON, PAREN, ZERO]
 DATASET = [
-    {"table": {"uid": "t1", "table": [["", "2021", "2020"], ["Revenue", "$1,250", "$1,100"]]},
-     "paragraphs": [{"uid": "p1", "order": 1, "text": "Invented paragraph about Northwind Holdings."}],
-     "questions": ALL[:5]},
-    {"table": {"uid": "t2", "table": [["Segment", "Units"], ["Retail", "3"]]},
-     "paragraphs": [{"uid": "p2", "order": 1, "text": "Another invented paragraph."}],
-     "questions": ALL[5:]},
+    {
+        "table": {"uid": "t1", "table": [["", "2021", "2020"], ["Revenue", "$1,250", "$1,100"]]},
+        "paragraphs": [{"uid": "p1", "order": 1, "text": "Invented paragraph about Northwind Holdings."}],
+        "questions": ALL[:5],
+    },
+    {
+        "table": {"uid": "t2", "table": [["Segment", "Units"], ["Retail", "3"]]},
+        "paragraphs": [{"uid": "p2", "order": 1, "text": "Another invented paragraph."}],
+        "questions": ALL[5:],
+    },
 ]
 
 
@@ -124,9 +134,19 @@ def test_f1_is_rounded_like_numpy():
 
 @pytest.mark.parametrize(
     ("text", "number", "value"),
-    [("$1,234", True, 1234), ("3 million", True, 3_000_000), ("3 segments", False, 3), ("nan", False, None),
-     ("(12)", True, -12), ("(1,234)", True, 1234), ("12%", True, 0.12), ("$3.2 billion", True, 3_200_000_000),
-     ("1,234 million", True, 1_234_000_000), (".5", True, None), ("revenue", False, None)],
+    [
+        ("$1,234", True, 1234),
+        ("3 million", True, 3_000_000),
+        ("3 segments", False, 3),
+        ("nan", False, None),
+        ("(12)", True, -12),
+        ("(1,234)", True, 1234),
+        ("12%", True, 0.12),
+        ("$3.2 billion", True, 3_200_000_000),
+        ("1,234 million", True, 1_234_000_000),
+        (".5", True, None),
+        ("revenue", False, None),
+    ],
 )
 def test_number_reading(text, number, value):
     assert is_number(text) is number
@@ -139,9 +159,17 @@ def test_number_followed_by_a_non_scale_word_is_text():
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("The $1,234 Million", "1234 million"), ("(12)", "-12"), ("12%", "0.12"), ("3 million", "3 million"),
-     ("$3.2", "3.2"), ("2.3500", "2.35"), ("Net sales, net.", "net sales net"), (".5", "None"),
-     ("an apple", "apple")],
+    [
+        ("The $1,234 Million", "1234 million"),
+        ("(12)", "-12"),
+        ("12%", "0.12"),
+        ("3 million", "3 million"),
+        ("$3.2", "3.2"),
+        ("2.3500", "2.35"),
+        ("Net sales, net.", "net sales net"),
+        (".5", "None"),
+        ("an apple", "apple"),
+    ],
 )
 def test_normalize_answer(text, expected):
     assert normalize_answer(text) == expected

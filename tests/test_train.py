@@ -14,16 +14,35 @@ from hpml_ft.train import main as train_main
 
 
 def _overrides(tiny_model_dir, data, out, method="lora", steps=3, extra=()):
-    return [f"model.name_or_path={tiny_model_dir}", f"data.path={data}", f"train.output_dir={out}",
-            f"peft.method={method}", f"train.max_steps={steps}", "train.per_device_batch_size=4",
-            "train.effective_batch_size=4", "train.learning_rate=1e-2", "train.logging_steps=1",
-            "train.warmup_ratio=0", "train.lr_scheduler=constant", "data.max_samples=4", "data.eval_fraction=0.1",
-            "train.eval_generate=2", "train.max_new_tokens=4", "train.max_length=128", "name=t", *extra]
+    return [
+        f"model.name_or_path={tiny_model_dir}",
+        f"data.path={data}",
+        f"train.output_dir={out}",
+        f"peft.method={method}",
+        f"train.max_steps={steps}",
+        "train.per_device_batch_size=4",
+        "train.effective_batch_size=4",
+        "train.learning_rate=1e-2",
+        "train.logging_steps=1",
+        "train.warmup_ratio=0",
+        "train.lr_scheduler=constant",
+        "data.max_samples=4",
+        "data.eval_fraction=0.1",
+        "train.eval_generate=2",
+        "train.max_new_tokens=4",
+        "train.max_length=128",
+        "name=t",
+        *extra,
+    ]
 
 
 def _trained(tiny_model_dir, alpaca_file, tmp_path, method, steps=3, extra=()):
-    code = train_main([str(_recipe(tmp_path)), *_overrides(tiny_model_dir, alpaca_file, tmp_path / "out", method,
-                                                           steps, extra)])
+    code = train_main(
+        [
+            str(_recipe(tmp_path)),
+            *_overrides(tiny_model_dir, alpaca_file, tmp_path / "out", method, steps, extra),
+        ]
+    )
     assert code == 0
     run = tmp_path / "out" / "t"
     return run, json.loads((run / "metrics.json").read_text())
@@ -43,9 +62,17 @@ def test_lora_run_learns_and_writes_outputs(tiny_model_dir, alpaca_file, tmp_pat
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: nonzero means it trained
-    for name in ("run.json", "recipe.yaml", "README.md", "merged/config.json", "merged/model.safetensors",
-                 "merged/tokenizer_config.json", "merged/chat_template.jinja", "merged/generation_config.json",
-                 "merged/hpml_ft.json"):
+    for name in (
+        "run.json",
+        "recipe.yaml",
+        "README.md",
+        "merged/config.json",
+        "merged/model.safetensors",
+        "merged/tokenizer_config.json",
+        "merged/chat_template.jinja",
+        "merged/generation_config.json",
+        "merged/hpml_ft.json",
+    ):
         assert (run / name).exists(), name
     assert load_config(run / "recipe.yaml").peft.method == "lora"  # the saved recipe reloads as is
     assert "before" in metrics and "after" in metrics
@@ -131,12 +158,21 @@ def test_qlora_trains_in_4bit_and_merges_in_full_precision(tiny_model_dir, alpac
 def test_finished_run_is_not_overwritten(tiny_model_dir, alpaca_file, tmp_path):
     _trained(tiny_model_dir, alpaca_file, tmp_path, "lora", steps=1)
     with pytest.raises(UserError, match="holds a finished run; pass train.overwrite=true"):
-        train_main([str(_recipe(tmp_path)), *_overrides(tiny_model_dir, alpaca_file, tmp_path / "out", steps=1)])
+        train_main(
+            [str(_recipe(tmp_path)), *_overrides(tiny_model_dir, alpaca_file, tmp_path / "out", steps=1)]
+        )
 
 
 def test_dry_run_prints_derived_numbers(tiny_model_dir, alpaca_file, tmp_path, capsys):
-    code = train_main([str(_recipe(tmp_path)), *_overrides(tiny_model_dir, alpaca_file, tmp_path / "out"),
-                       "train.effective_batch_size=8", "train.per_device_batch_size=2", "--dry-run"])
+    code = train_main(
+        [
+            str(_recipe(tmp_path)),
+            *_overrides(tiny_model_dir, alpaca_file, tmp_path / "out"),
+            "train.effective_batch_size=8",
+            "train.per_device_batch_size=2",
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and not (tmp_path / "out").exists()
     assert "effective_batch: 2 per device x 4 accumulation x 1 processes = 8" in out

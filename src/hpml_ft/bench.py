@@ -60,7 +60,9 @@ def train_one(args: argparse.Namespace, method: str) -> dict[str, Any]:
     from hpml_ft.config import load_config
     from hpml_ft.model import build_model, count_parameters, wrap_peft
 
-    cfg = load_config(None, ["train.max_steps=1", f"model.name_or_path={args.model}", f"peft.method={method}"])
+    cfg = load_config(
+        None, ["train.max_steps=1", f"model.name_or_path={args.model}", f"peft.method={method}"]
+    )
     model = wrap_peft(build_model(cfg), cfg)
     model.train()
     loaded = _peak_mib()
@@ -81,16 +83,37 @@ def train_one(args: argparse.Namespace, method: str) -> dict[str, Any]:
             times.append(time.perf_counter() - start)
     step_s = sum(times) / len(times)
     trainable, total = count_parameters(model)
-    return {"method": method, "step_s": round(step_s, 3), "tokens_per_s": round(args.batch * args.seq / step_s, 1),
-            "peak_mib": round(_peak_mib(), 1), "after_load_mib": round(loaded, 1), "trainable": trainable,
-            "total": total, "loss": round(loss.item(), 4)}
+    return {
+        "method": method,
+        "step_s": round(step_s, 3),
+        "tokens_per_s": round(args.batch * args.seq / step_s, 1),
+        "peak_mib": round(_peak_mib(), 1),
+        "after_load_mib": round(loaded, 1),
+        "trainable": trainable,
+        "total": total,
+        "loss": round(loss.item(), 4),
+    }
 
 
 def train(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for method in args.methods.split(","):
-        cmd = [sys.executable, "-m", "hpml_ft.bench", "_train_one", "--methods", method, "--model", args.model,
-               "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "hpml_ft.bench",
+            "_train_one",
+            "--methods",
+            method,
+            "--model",
+            args.model,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             last = (res.stderr.strip().splitlines() or ["?"])[-1]
@@ -112,14 +135,26 @@ def generate_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     # a prompt the answer copies from, so prompt lookup has something to find
     text = "Repeat this list exactly: " + ", ".join(f"item {i} costs {i * 7} dollars" for i in range(12))
     prompts = [[{"role": "user", "content": text}]] * args.repeats
-    variants = {"kv_cache": {}, "no_cache": {"use_cache": False}, "prompt_lookup_10": {"prompt_lookup_num_tokens": 10}}
+    variants = {
+        "kv_cache": {},
+        "no_cache": {"use_cache": False},
+        "prompt_lookup_10": {"prompt_lookup_num_tokens": 10},
+    }
     rows = []
     for name, kwargs in variants.items():
-        outs, speed = generate(model, tok, prompts, args.new_tokens, batch_size=1, min_new_tokens=args.new_tokens,
-                               **kwargs)
-        rows.append({"variant": name, "tokens_per_s": round(speed["tokens_per_s"], 1),
-                     "new_tokens": speed["new_tokens"], "seconds": round(speed["seconds"], 2),
-                     "same_as_kv_cache": outs == rows[0]["_outs"] if rows else True, "_outs": outs})
+        outs, speed = generate(
+            model, tok, prompts, args.new_tokens, batch_size=1, min_new_tokens=args.new_tokens, **kwargs
+        )
+        rows.append(
+            {
+                "variant": name,
+                "tokens_per_s": round(speed["tokens_per_s"], 1),
+                "new_tokens": speed["new_tokens"],
+                "seconds": round(speed["seconds"], 2),
+                "same_as_kv_cache": outs == rows[0]["_outs"] if rows else True,
+                "_outs": outs,
+            }
+        )
     for r in rows:
         r.pop("_outs")
     return rows
@@ -140,9 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = train(args) if args.mode == "train" else generate_bench(args)
     import torch
 
-    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
-    header = (f"`python -m hpml_ft.bench {' '.join(argv if argv is not None else sys.argv[1:])}` on {machine} "
-              f"({platform.machine()}), {time.strftime('%Y-%m-%d')}, torch {torch.__version__}")
+    machine = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU x{torch.get_num_threads()} threads"
+    )
+    header = (
+        f"`python -m hpml_ft.bench {' '.join(argv if argv is not None else sys.argv[1:])}` on {machine} "
+        f"({platform.machine()}), {time.strftime('%Y-%m-%d')}, torch {torch.__version__}"
+    )
     md = f"{header}\n\n{to_markdown(rows)}\n"
     print(md)
     out = Path(args.out)

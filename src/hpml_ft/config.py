@@ -22,7 +22,9 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name_or_path: str = EMBEDDED_MODEL  # "embedded", a local HF directory, or a hub id
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on capable GPUs, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
+        "auto"  # auto: bf16 on capable GPUs, fp32 on CPU
+    )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     load_in_4bit: bool = False  # implied by peft.method=qlora
     load_in_8bit: bool = False
@@ -44,7 +46,9 @@ class DataConfig(_Section):
     format: Literal["auto", "alpaca", "chat", "tatqa"] = "auto"
     split: str = "train"  # split to read when `path` is a hub id
     eval_path: str | None = None  # a separate eval file/hub id; else `eval_fraction` of `path` is held out
-    eval_split: str | None = None  # a named split (e.g. "test") of eval_path, or of path when eval_path is unset
+    eval_split: str | None = (
+        None  # a named split (e.g. "test") of eval_path, or of path when eval_path is unset
+    )
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_samples: int | None = Field(None, gt=0)  # cap after loading, for quick runs
     max_eval_samples: int | None = Field(None, gt=0)
@@ -123,7 +127,9 @@ class Config(_Section):
         if p.method == "qlora" and self.model.load_in_8bit:
             raise ValueError("peft.method=qlora loads the base in 4-bit; drop model.load_in_8bit")
         if p.method == "full" and (self.model.load_in_4bit or self.model.load_in_8bit):
-            raise ValueError("full fine-tuning cannot train quantized weights; use peft.method=qlora or unset load_in_*")
+            raise ValueError(
+                "full fine-tuning cannot train quantized weights; use peft.method=qlora or unset load_in_*"
+            )
         if p.method == "dora" and self.model.load_in_8bit:
             raise ValueError("DoRA with 8-bit weights is not supported by PEFT; use 4-bit (qlora) or none")
         if (p.method == "qlora" or self.model.load_in_4bit) and t.deepspeed and "3" in Path(t.deepspeed).stem:
@@ -159,7 +165,9 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         fail(f"{p}: YAML syntax error{where}: {getattr(err, 'problem', err)}; fix the recipe file")
     if not isinstance(data, dict):
-        fail(f"{p}: a recipe must be a YAML mapping of sections (model:, data:, peft:, train:), not {type(data).__name__}")
+        fail(
+            f"{p}: a recipe must be a YAML mapping of sections (model:, data:, peft:, train:), not {type(data).__name__}"
+        )
     return data
 
 
@@ -200,7 +208,11 @@ def format_validation_error(err: ValidationError) -> str:
         loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
         if e["type"] == "extra_forbidden":
             guess = difflib.get_close_matches(loc, known, n=1, cutoff=0.6)
-            hint = f" (did you mean '{guess[0]}'?)" if guess else f"; known keys: {', '.join(k for k in known if '.' not in k)}"
+            hint = (
+                f" (did you mean '{guess[0]}'?)"
+                if guess
+                else f"; known keys: {', '.join(k for k in known if '.' not in k)}"
+            )
             lines.append(f"unknown key '{loc}'{hint}")
         elif e["type"] == "value_error":
             lines.append(str(e["msg"]).removeprefix("Value error, "))

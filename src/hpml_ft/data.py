@@ -40,8 +40,12 @@ def read_records(path: str, split: str = "train") -> list[Any]:
                 return [json.loads(line) for line in text.splitlines() if line.strip()]
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            fail(f"{p}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}; fix the data file")
-        return data if isinstance(data, list) else data.get("data", [data]) if isinstance(data, dict) else [data]
+            fail(
+                f"{p}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}; fix the data file"
+            )
+        return (
+            data if isinstance(data, list) else data.get("data", [data]) if isinstance(data, dict) else [data]
+        )
     if p.suffix in (".json", ".jsonl") or path.startswith((".", "/", "~")) or path.count("/") != 1:
         fail(f"data file not found: {path} (pass an existing .json/.jsonl path, a hub dataset id, or 'demo')")
     try:
@@ -50,7 +54,9 @@ def read_records(path: str, split: str = "train") -> list[Any]:
         return list(load_dataset(path, split=split))
     except Exception as err:  # noqa: BLE001 - datasets raises many types; the user needs one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        fail(f"could not load dataset '{path}' (split {split}): {first}; pass a local .json/.jsonl path instead")
+        fail(
+            f"could not load dataset '{path}' (split {split}): {first}; pass a local .json/.jsonl path instead"
+        )
 
 
 def detect_format(records: list[Any], path: str) -> str:
@@ -76,7 +82,9 @@ def _alpaca_samples(records: list[dict], path: str, system: str | None) -> list[
             fail(f"{path}: record {i} lacks 'instruction'/'output' columns needed by the alpaca format")
         user = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
         msgs = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user}, {"role": "assistant", "content": str(r["output"])}]
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": str(r["output"])},
+        ]
         samples.append({"id": str(i), "group": str(i), "messages": msgs, "meta": {"question": user}})
     return samples
 
@@ -92,12 +100,20 @@ def _chat_samples(records: list[dict], path: str, system: str | None) -> list[di
         if system and msgs[0]["role"] != "system":
             msgs = [{"role": "system", "content": system}, *msgs]
         question = next((m["content"] for m in reversed(msgs[:-1]) if m["role"] == "user"), "")
-        samples.append({"id": str(r.get("id", i)), "group": str(i), "messages": msgs, "meta": {"question": question}})
+        samples.append(
+            {"id": str(r.get("id", i)), "group": str(i), "messages": msgs, "meta": {"question": question}}
+        )
     return samples
 
 
-def load_samples(path: str, fmt: str = "auto", split: str = "train", system: str | None = None,
-                 demo_size: int = 800, seed: int = 0) -> tuple[list[dict], str]:
+def load_samples(
+    path: str,
+    fmt: str = "auto",
+    split: str = "train",
+    system: str | None = None,
+    demo_size: int = 800,
+    seed: int = 0,
+) -> tuple[list[dict], str]:
     """Read one source into samples; returns (samples, format)."""
     if path == "demo":
         records, fmt = generate_demo(demo_size, seed), "alpaca"
@@ -128,7 +144,9 @@ def load_splits(cfg: DataConfig) -> Splits:
     samples, fmt = load_samples(cfg.path, cfg.format, cfg.split, cfg.system_prompt, cfg.demo_size, cfg.seed)
     if cfg.eval_path or cfg.eval_split:
         train = samples
-        evals, _ = load_samples(cfg.eval_path or cfg.path, fmt, cfg.eval_split or cfg.split, cfg.system_prompt)
+        evals, _ = load_samples(
+            cfg.eval_path or cfg.path, fmt, cfg.eval_split or cfg.split, cfg.system_prompt
+        )
     else:
         train, evals = split_by_group(samples, cfg.eval_fraction, cfg.seed)
     if cfg.max_samples:
@@ -160,8 +178,10 @@ def tokenize_conversation(tok: PreTrainedTokenizerBase, messages: list[dict]) ->
         prefix = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (base.startswith(upto) and upto.startswith(prefix)):
-            fail("the chat template is not prefix-preserving, so answer tokens cannot be located; use another model")
-        answer = upto[len(prefix):]
+            fail(
+                "the chat template is not prefix-preserving, so answer tokens cannot be located; use another model"
+            )
+        answer = upto[len(prefix) :]
         if eos and eos not in answer:  # every answer must end with EOS or generation never stops
             answer += eos
         pieces.append(base[cursor : len(prefix)])
@@ -176,12 +196,16 @@ def tokenize_conversation(tok: PreTrainedTokenizerBase, messages: list[dict]) ->
     return {"input_ids": enc["input_ids"], "assistant_masks": mask}
 
 
-def build_dataset(convs: list[list[dict]], tok: PreTrainedTokenizerBase, max_length: int, name: str) -> Dataset:
+def build_dataset(
+    convs: list[list[dict]], tok: PreTrainedTokenizerBase, max_length: int, name: str
+) -> Dataset:
     """Tokenized dataset for SFTTrainer (it builds labels from `assistant_masks` and truncates to max_length)."""
     from datasets import Dataset
 
     rows = [tokenize_conversation(tok, c) for c in convs]
-    first_answer = [r["assistant_masks"].index(1) if 1 in r["assistant_masks"] else len(r["input_ids"]) for r in rows]
+    first_answer = [
+        r["assistant_masks"].index(1) if 1 in r["assistant_masks"] else len(r["input_ids"]) for r in rows
+    ]
     if rows and all(pos >= max_length for pos in first_answer):
         fail(
             f"train.max_length={max_length} is shorter than every {name} prompt (shortest answer starts at token "
@@ -196,8 +220,11 @@ def token_stats(ds: Dataset, max_length: int) -> dict[str, float]:
     return {"samples": len(lengths), "mean_tokens": sum(lengths) / max(len(lengths), 1), "truncated": cut}
 
 
-def build_train_eval(cfg: Config, tok: PreTrainedTokenizerBase, splits: Splits) -> tuple[Dataset, Dataset | None]:
-    train = build_dataset(training_conversations(splits.train, cfg.data, splits.format), tok, cfg.train.max_length,
-                          "training")
+def build_train_eval(
+    cfg: Config, tok: PreTrainedTokenizerBase, splits: Splits
+) -> tuple[Dataset, Dataset | None]:
+    train = build_dataset(
+        training_conversations(splits.train, cfg.data, splits.format), tok, cfg.train.max_length, "training"
+    )
     evals = [s["messages"] for s in splits.eval]
     return train, (build_dataset(evals, tok, cfg.train.max_length, "eval") if evals else None)

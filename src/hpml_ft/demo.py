@@ -8,55 +8,75 @@ from __future__ import annotations
 
 import random
 
-_NOUNS = (
-    "apple river lamp stone cloud garden window pencil harbor candle forest mirror ladder basket "
-    "bridge engine ticket rocket violin castle meadow compass anchor blanket pepper saddle tunnel"
-).split()
-_COLORS = "red blue green yellow purple orange black white silver brown".split()
-_NAMES = "Ana Ben Chen Dara Eli Farah Goro Hana Ivan Jade Kofi Lena Mateo Nia Omar Priya".split()
-_UNITS = "crates boxes barrels bottles parcels sacks".split()
+_NOUNS = ["apple", "river", "lamp", "stone", "cloud", "garden", "window", "pencil", "harbor", "candle", "forest", "mirror", "ladder", "basket", "bridge", "engine", "ticket", "rocket", "violin", "castle", "meadow", "compass", "anchor", "blanket", "pepper", "saddle", "tunnel"]
+_COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "silver", "brown"]
+_NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Farah", "Goro", "Hana", "Ivan", "Jade", "Kofi", "Lena", "Mateo", "Nia", "Omar", "Priya"]
+_UNITS = ["crates", "boxes", "barrels", "bottles", "parcels", "sacks"]
 
 
 def _last_word(rng: random.Random) -> dict:
     words = rng.sample(_NOUNS, rng.randint(3, 6))
-    return {"instruction": "Reply with only the last word of the list.", "input": " ".join(words), "output": words[-1]}
+    return {
+        "instruction": "Reply with only the last word of the list.",
+        "input": " ".join(words),
+        "output": words[-1],
+    }
 
 
 def _extract_number(rng: random.Random) -> dict:
     n, name, unit = rng.randint(11, 999), rng.choice(_NAMES), rng.choice(_UNITS)
     text = f"{name} loaded {n} {unit} of {rng.choice(_NOUNS)}s onto the {rng.choice(_COLORS)} truck."
-    return {"instruction": "Extract the number from the sentence. Reply with the number only.", "input": text,
-            "output": str(n)}
+    return {
+        "instruction": "Extract the number from the sentence. Reply with the number only.",
+        "input": text,
+        "output": str(n),
+    }
 
 
 def _sort_words(rng: random.Random) -> dict:
     words = rng.sample(_NOUNS, 3)
-    return {"instruction": "Sort the words alphabetically. Reply with the words separated by commas.",
-            "input": ", ".join(words), "output": ", ".join(sorted(words))}
+    return {
+        "instruction": "Sort the words alphabetically. Reply with the words separated by commas.",
+        "input": ", ".join(words),
+        "output": ", ".join(sorted(words)),
+    }
 
 
 def _uppercase(rng: random.Random) -> dict:
     w = rng.choice(_NOUNS)
-    return {"instruction": "Write the word in capital letters. Reply with the word only.", "input": w,
-            "output": w.upper()}
+    return {
+        "instruction": "Write the word in capital letters. Reply with the word only.",
+        "input": w,
+        "output": w.upper(),
+    }
 
 
 def _larger(rng: random.Random) -> dict:
     a, b = rng.sample(range(10, 100), 2)
-    return {"instruction": "Which number is larger? Reply with the number only.", "input": f"{a} or {b}",
-            "output": str(max(a, b))}
+    return {
+        "instruction": "Which number is larger? Reply with the number only.",
+        "input": f"{a} or {b}",
+        "output": str(max(a, b)),
+    }
 
 
 def _color_of(rng: random.Random) -> dict:
     name, color, noun = rng.choice(_NAMES), rng.choice(_COLORS), rng.choice(_NOUNS)
     text = f"{name} painted the {noun} {color} before the market opened."
-    return {"instruction": "What color is mentioned? Reply with the color only.", "input": text, "output": color}
+    return {
+        "instruction": "What color is mentioned? Reply with the color only.",
+        "input": text,
+        "output": color,
+    }
 
 
 def _count_items(rng: random.Random) -> dict:
     words = rng.sample(_NOUNS, rng.randint(2, 5))
-    return {"instruction": "How many items are in the list? Reply with the number only.",
-            "input": ", ".join(words), "output": str(len(words))}
+    return {
+        "instruction": "How many items are in the list? Reply with the number only.",
+        "input": ", ".join(words),
+        "output": str(len(words)),
+    }
 
 
 TASKS = (_last_word, _extract_number, _sort_words, _uppercase, _larger, _color_of, _count_items)

@@ -44,23 +44,33 @@ class Task:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hpml_ft.eval", description=__doc__.splitlines()[0],
-                                epilog="\n".join(__doc__.splitlines()[2:]),
-                                formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m hpml_ft.eval",
+        description=__doc__.splitlines()[0],
+        epilog="\n".join(__doc__.splitlines()[2:]),
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--models", help="comma-separated model specs (see below); default: base,<latest run>")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="a .json/.jsonl file (alpaca, chat or TAT-QA); every record is evaluated")
     src.add_argument("--recipe", help="a recipe YAML: evaluate on its eval split, 'base' is its model")
-    src.add_argument("--ifeval", nargs="?", const="ifbench", metavar="PATH",
-                     help="instruction following on an IFEval-format JSONL (no PATH: IFBench test set)")
-    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "chat", "tatqa"],
-                   help="format of --data")
+    src.add_argument(
+        "--ifeval",
+        nargs="?",
+        const="ifbench",
+        metavar="PATH",
+        help="instruction following on an IFEval-format JSONL (no PATH: IFBench test set)",
+    )
+    p.add_argument(
+        "--format", default="auto", choices=["auto", "alpaca", "chat", "tatqa"], help="format of --data"
+    )
     p.add_argument("--system-prompt", help="system prompt for --data samples (default: the format's own)")
     p.add_argument("--limit", type=int, help="evaluate the first N samples only")
     p.add_argument("--batch-size", type=int, default=8, help="generation batch size (default 8)")
     p.add_argument("--max-new-tokens", type=int, help="answer length (default 64; 512 with --ifeval)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="model dtype (default: auto)")
+    p.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="model dtype (default: auto)"
+    )
     p.add_argument("--runs-dir", default="outputs", help="where finished runs are found (default outputs)")
     p.add_argument("--out", help="result folder (default: <runs-dir>/eval/<date-time>)")
     add_judge_args(p)
@@ -110,13 +120,22 @@ def load_task(args: argparse.Namespace) -> Task:
         cfg = load_config(args.recipe)
         splits = load_splits(cfg.data)
         run = cfg.run_dir if (cfg.run_dir / RUN_RECORD).exists() else None  # its own run, not the latest
-        task = Task("qa", splits.format, f"{args.recipe} eval split", splits.eval, cfg.model, run,
-                    cfg.model.name_or_path)
+        task = Task(
+            "qa",
+            splits.format,
+            f"{args.recipe} eval split",
+            splits.eval,
+            cfg.model,
+            run,
+            cfg.model.name_or_path,
+        )
     elif latest is not None:
         task = _qa_from_run(latest)
     else:
-        fail(f"no finished run under {args.runs_dir}/ to take the eval split from; "
-             "pass --data PATH or --recipe RECIPE")
+        fail(
+            f"no finished run under {args.runs_dir}/ to take the eval split from; "
+            "pass --data PATH or --recipe RECIPE"
+        )
     if not task.items:
         fail(f"{task.data} has no samples to evaluate (empty eval split?); use --data")
     task.items = task.items[: args.limit] if args.limit else task.items
@@ -167,8 +186,9 @@ def load_tokenizers(models: list[tuple[str, str]], task: Task) -> dict[str, Any]
     return {path: load_tokenizer(path, task.model_cfg.trust_remote_code) for _, path in models}
 
 
-def answer_all(models: list[tuple[str, str]], toks: dict[str, Any], task: Task,
-               args: argparse.Namespace) -> dict[str, tuple[list, dict]]:
+def answer_all(
+    models: list[tuple[str, str]], toks: dict[str, Any], task: Task, args: argparse.Namespace
+) -> dict[str, tuple[list, dict]]:
     """Generate with each distinct model once (a path named twice is reused), freeing it before the next."""
     from hpml_ft.evaluate import generate_all
 
@@ -206,8 +226,9 @@ def score_all(models: list[tuple[str, str]], task: Task, answers: dict) -> list[
     return results
 
 
-def write_results(out: Path, task: Task, results: list[dict], args: argparse.Namespace,
-                  judge: str | None) -> str:
+def write_results(
+    out: Path, task: Task, results: list[dict], args: argparse.Namespace, judge: str | None
+) -> str:
     """Everything into a temp folder renamed into place: a result folder is complete or absent."""
     from hpml_ft.evaluate import official_predictions, results_markdown
     from hpml_ft.ifeval import ifeval_markdown
@@ -218,9 +239,19 @@ def write_results(out: Path, task: Task, results: list[dict], args: argparse.Nam
         md = ifeval_markdown(results, task.data)
     else:
         md = results_markdown(results, task.fmt, task.data)
-    summary = {"kind": "eval", "task": task.kind, "format": task.fmt, "data": task.data, "n": len(task.items),
-               "limit": args.limit, "max_new_tokens": args.max_new_tokens, "judge": judge,
-               "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "models": []}
+    summary = {
+        "kind": "eval",
+        "task": task.kind,
+        "format": task.fmt,
+        "data": task.data,
+        "n": len(task.items),
+        "limit": args.limit,
+        "max_new_tokens": args.max_new_tokens,
+        "judge": judge,
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "models": [],
+    }
     with atomic_dir(out, {"kind": "eval"}) as tmp:
         for r in results:
             entry = {k: r[k] for k in ("name", "path", "metrics", "speed")}
@@ -248,8 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         fail("--judge/--judge-url grade QA answers; IFEval is checked by rules, drop the judge option")
     spec = judge_spec_from_args(args, args.batch_size)
     out = out_dir(args)
-    print(f"[hpml_ft] {len(task.items)} {task.fmt} samples from {task.data}; models: "
-          + ", ".join(f"{label} ({path})" for label, path in models), file=sys.stderr)
+    print(
+        f"[hpml_ft] {len(task.items)} {task.fmt} samples from {task.data}; models: "
+        + ", ".join(f"{label} ({path})" for label, path in models),
+        file=sys.stderr,
+    )
     results = score_all(models, task, answer_all(models, toks, task, args))
     if spec:
         judge_rows(spec, [row for r in results for row in r["rows"]])  # one judge load for every model

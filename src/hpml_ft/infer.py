@@ -219,8 +219,10 @@ def load_model(spec: ModelSpec, dtype: str) -> tuple[Any, Any]:
                 warnings.simplefilter("ignore", FutureWarning)
                 model = PeftModel.from_pretrained(model, spec.adapter)
         except (RuntimeError, ValueError, KeyError) as err:
-            fail(f"adapter {spec.adapter} does not fit base {spec.path} ({str(err).strip()[:160]}); "
-                 "pass its base with --model_name_or_path")
+            fail(
+                f"adapter {spec.adapter} does not fit base {spec.path} ({str(err).strip()[:160]}); "
+                "pass its base with --model_name_or_path"
+            )
         if (Path(spec.adapter) / "tokenizer_config.json").is_file():
             tok_dir = spec.adapter  # the tokenizer the adapter was trained with
     model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -256,8 +258,9 @@ def answer_all(specs: list[ModelSpec], prompts: list[list[dict]], a: argparse.Na
 # ---------------------------------------------------------------- output
 
 
-def answer_rows(specs: list[ModelSpec], results: list[tuple], j: int, sample: dict | None = None,
-                fmt: str = "") -> list[dict]:
+def answer_rows(
+    specs: list[ModelSpec], results: list[tuple], j: int, sample: dict | None = None, fmt: str = ""
+) -> list[dict]:
     """Every model's answer to prompt j; marked correct (exact match) or not when there is a gold answer."""
     from hpml_ft.evaluate import score_answers
 
@@ -273,8 +276,15 @@ def answer_rows(specs: list[ModelSpec], results: list[tuple], j: int, sample: di
 def sample_record(sid: int, s: dict, fmt: str, answers: list[dict]) -> dict:
     meta = s["meta"]
     ctx = {"table": meta["table"], "paragraphs": meta.get("paragraphs", [])} if "table" in meta else None
-    return {"sid": sid, "id": s["id"], "format": fmt, "question": meta.get("question", ""), "context": ctx,
-            "gold": s["messages"][-1]["content"], "answers": answers}
+    return {
+        "sid": sid,
+        "id": s["id"],
+        "format": fmt,
+        "question": meta.get("question", ""),
+        "context": ctx,
+        "gold": s["messages"][-1]["content"],
+        "answers": answers,
+    }
 
 
 def indent(text: str, pad: str = "  ") -> str:
@@ -308,7 +318,8 @@ def record_text(rec: dict, j: int) -> str:
 def speed_text(specs: list[ModelSpec], results: list[tuple]) -> str:
     return "Generation speed:\n" + "\n".join(
         f"  {spec.label}: {s['new_tokens']} tokens in {s['seconds']:.2f} s = {s['tokens_per_s']:.1f} tokens/s"
-        for spec, (_, s) in zip(specs, results, strict=True))
+        for spec, (_, s) in zip(specs, results, strict=True)
+    )
 
 
 def chat(spec: ModelSpec, a: argparse.Namespace) -> None:
@@ -337,8 +348,9 @@ def chat(spec: ModelSpec, a: argparse.Namespace) -> None:
         history.append({"role": "user", "content": user})
         print("bot> ", end="", flush=True)
         streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        texts, _ = generate(model, tok, [system + history], a.max_new_tokens, 1, streamer=streamer,
-                            **gen_kwargs(a))
+        texts, _ = generate(
+            model, tok, [system + history], a.max_new_tokens, 1, streamer=streamer, **gen_kwargs(a)
+        )
         history.append({"role": "assistant", "content": texts[0]})
 
 
@@ -363,14 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     if a.prompt:
         prompts = [with_system([{"role": "user", "content": p}], a.system_prompt) for p in a.prompt]
         results = answer_all(specs, prompts, a)
-        recs = [{"prompt": p, "system": a.system_prompt, "answers": answer_rows(specs, results, j)}
-                for j, p in enumerate(a.prompt)]
+        recs = [
+            {"prompt": p, "system": a.system_prompt, "answers": answer_rows(specs, results, j)}
+            for j, p in enumerate(a.prompt)
+        ]
     else:
         samples, fmt, source = eval_set(a, ref_run)
         chosen = pick(samples, a.sid, source)
         results = answer_all(specs, [with_system(s["messages"][:-1], a.system_prompt) for s in chosen], a)
-        recs = [sample_record(sid, s, fmt, answer_rows(specs, results, j, s, fmt))
-                for j, (sid, s) in enumerate(zip(a.sid, chosen, strict=True))]
+        recs = [
+            sample_record(sid, s, fmt, answer_rows(specs, results, j, s, fmt))
+            for j, (sid, s) in enumerate(zip(a.sid, chosen, strict=True))
+        ]
         if not a.json:
             print(f"[hpml_ft] {len(chosen)} sample(s) from the {source}; correct = exact match with gold\n")
     for j, rec in enumerate(recs):

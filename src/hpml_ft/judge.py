@@ -64,18 +64,24 @@ _NUM = r"\**\s*\(?\s*([1-5])(?:\.0+)?(?!\.?\d)"  # 1..5, "4.0" ok; "4.5", "10", 
 _RESULT = re.compile(r"\[\s*RESULT\s*\]\s*[:=\-]?\s*" + _NUM, re.I)
 _FALLBACKS = (
     # "Score: 4", "rating of 4"; not an echoed rubric line "Score 4: ..."
-    re.compile(r"\b(?:final\s+)?(?:score|rating|grade|result)\s*(?:is|of|=|:)?\s*[:=]?\s*"
-               + _NUM + r"(?!\s*:)", re.I),
+    re.compile(
+        r"\b(?:final\s+)?(?:score|rating|grade|result)\s*(?:is|of|=|:)?\s*[:=]?\s*" + _NUM + r"(?!\s*:)", re.I
+    ),
     re.compile(r"\b([1-5])\s*(?:/|out\s+of)\s*5\b", re.I),
 )
 
 
-def build_judge_prompt(instruction: str, response: str, reference: str | None = None,
-                       rubric: str = DEFAULT_RUBRIC) -> str:
+def build_judge_prompt(
+    instruction: str, response: str, reference: str | None = None, rubric: str = DEFAULT_RUBRIC
+) -> str:
     """The judge's full prompt; the reference block is left out when there is no reference answer."""
     block = REFERENCE_BLOCK.format(reference=reference.strip()) if reference and reference.strip() else ""
-    return JUDGE_TASK.format(instruction=instruction.strip(), response=response.strip() or "(empty response)",
-                             reference_block=block, rubric=rubric.strip())
+    return JUDGE_TASK.format(
+        instruction=instruction.strip(),
+        response=response.strip() or "(empty response)",
+        reference_block=block,
+        rubric=rubric.strip(),
+    )
 
 
 def parse_score(text: str | None) -> int | None:
@@ -93,9 +99,14 @@ def summarize(scores: list[int | None], errors: int = 0) -> dict[str, Any]:
     """Mean over parsed scores, the 1-5 distribution, and how many were unparsed (request errors included)."""
     parsed = [s for s in scores if s is not None]
     counts = Counter(parsed)
-    return {"n": len(scores), "parsed": len(parsed), "unparsed": len(scores) - len(parsed), "errors": errors,
-            "mean": round(sum(parsed) / len(parsed), 3) if parsed else None,
-            "distribution": {str(k): counts.get(k, 0) for k in range(1, 6)}}
+    return {
+        "n": len(scores),
+        "parsed": len(parsed),
+        "unparsed": len(scores) - len(parsed),
+        "errors": errors,
+        "mean": round(sum(parsed) / len(parsed), 3) if parsed else None,
+        "distribution": {str(k): counts.get(k, 0) for k in range(1, 6)},
+    }
 
 
 # ---------------------------------------------------------------- backends
@@ -156,8 +167,12 @@ def check_endpoint(url: str, model: str | None, timeout: float) -> str:
 
 
 def chat_completion(spec: JudgeSpec, prompt: str) -> str:
-    payload = {"model": spec.model, "messages": [{"role": "user", "content": prompt}],
-               "max_tokens": spec.max_new_tokens, "temperature": 0.0}
+    payload = {
+        "model": spec.model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": spec.max_new_tokens,
+        "temperature": 0.0,
+    }
     out = _request(spec.url.rstrip("/") + "/chat/completions", payload, spec.timeout)
     return out["choices"][0]["message"]["content"] or ""
 
@@ -229,11 +244,18 @@ def judge_spec_from_args(args: argparse.Namespace, batch_size: int = 4) -> Judge
         if not Path(args.judge_rubric).is_file():
             fail(f"rubric file not found: {args.judge_rubric}")
         rubric = Path(args.judge_rubric).read_text()
-    common = {"timeout": args.judge_timeout, "max_new_tokens": args.judge_max_new_tokens, "rubric": rubric,
-              "batch_size": batch_size}
+    common = {
+        "timeout": args.judge_timeout,
+        "max_new_tokens": args.judge_max_new_tokens,
+        "rubric": rubric,
+        "batch_size": batch_size,
+    }
     if args.judge_url:
-        return JudgeSpec(url=args.judge_url, model=check_endpoint(args.judge_url, args.judge_model,
-                                                                   args.judge_timeout), **common)
+        return JudgeSpec(
+            url=args.judge_url,
+            model=check_endpoint(args.judge_url, args.judge_model, args.judge_timeout),
+            **common,
+        )
     from hpml_ft.evaluate import resolve_model
 
     return JudgeSpec(path=resolve_model(args.judge), **common)

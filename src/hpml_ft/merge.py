@@ -40,8 +40,13 @@ def adapter_base(adapter_dir: Path) -> str:
     return cfg.get("base_model_name_or_path") or ""
 
 
-def merge_adapter(adapter_dir: str | Path, out: str | Path, base_path: str | None = None,
-                  dtype: str = "auto", record: dict[str, Any] | None = None) -> Path:
+def merge_adapter(
+    adapter_dir: str | Path,
+    out: str | Path,
+    base_path: str | None = None,
+    dtype: str = "auto",
+    record: dict[str, Any] | None = None,
+) -> Path:
     """Load base (unquantized) + adapter, merge_and_unload, save atomically with tokenizer and generation config."""
     import torch
     from peft import PeftModel
@@ -59,9 +64,13 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base_path: str | Non
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     except (RuntimeError, ValueError, KeyError) as err:
-        why = "tensor shapes differ" if "size mismatch" in str(err) else str(err).strip().splitlines()[0][:160]
-        fail(f"adapter {adapter_dir} does not fit base {base_path} ({why}); pass the base it was trained on "
-             f"(--base {adapter_base(adapter_dir) or 'MODEL'})")
+        why = (
+            "tensor shapes differ" if "size mismatch" in str(err) else str(err).strip().splitlines()[0][:160]
+        )
+        fail(
+            f"adapter {adapter_dir} does not fit base {base_path} ({why}); pass the base it was trained on "
+            f"(--base {adapter_base(adapter_dir) or 'MODEL'})"
+        )
     merged = model.merge_and_unload()
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
     tok = AutoTokenizer.from_pretrained(str(tok_src))

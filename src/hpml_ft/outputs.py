@@ -23,7 +23,17 @@ from hpml_ft.errors import fail
 
 RUN_RECORD = "run.json"
 ARTIFACT_RECORD = "hpml_ft.json"
-_PACKAGES = ("hpml_ft", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
+_PACKAGES = (
+    "hpml_ft",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "bitsandbytes",
+    "deepspeed",
+)
 
 
 def versions() -> dict[str, str]:
@@ -89,7 +99,9 @@ def require_complete_model(path: str | Path, what: str = "model") -> Path:
         if not has_weights:
             fail(f"{p} has a config but no weight files; it is incomplete, rerun the step that wrote it")
         if p.parent.joinpath("checkpoints").exists() and not is_hpml:
-            fail(f"{p} belongs to a run that did not finish (no {RUN_RECORD}); resume it with train.resume=auto")
+            fail(
+                f"{p} belongs to a run that did not finish (no {RUN_RECORD}); resume it with train.resume=auto"
+            )
         return p
     fail(f"{p} is not a saved {what} (no config.json or adapter_config.json)")
 

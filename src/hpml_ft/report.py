@@ -64,21 +64,27 @@ def print_dry_run(cfg: Config, model_path: str, train_ds: Dataset, accum: int) -
 
 def model_card(cfg: Config, metrics: dict[str, Any], artifacts: dict[str, str]) -> str:
     before, after = metrics.get("before", {}), metrics.get("after", {})
-    rows = [f"| {k} | {before.get(k, '-')} | {after.get(k, '-')} |" for k in ("eval_loss", "exact_match", "f1")]
-    return "\n".join([
-        f"# {cfg.run_name}",
-        "",
-        f"Fine-tuned from `{cfg.model.name_or_path}` with hpml_ft ({cfg.peft.method}) on `{cfg.data.path}`.",
-        "",
-        "| metric (held-out split) | before | after |",
-        "|---|---|---|",
-        *rows,
-        "",
-        f"Steps: {metrics.get('global_step')}, final loss {metrics.get('final_loss')}, "
-        f"runtime {metrics.get('train_runtime_s')} s.",
-        "",
-        "Artifacts: " + ", ".join(f"`{v}/`" for v in artifacts.values()) + "; the resolved recipe is `recipe.yaml`.",
-        "",
-        "Use it: `python -m hpml_ft.infer --model_name_or_path <this dir>/merged --prompt \"...\"`",
-        "",
-    ])
+    rows = [
+        f"| {k} | {before.get(k, '-')} | {after.get(k, '-')} |" for k in ("eval_loss", "exact_match", "f1")
+    ]
+    return "\n".join(
+        [
+            f"# {cfg.run_name}",
+            "",
+            f"Fine-tuned from `{cfg.model.name_or_path}` with hpml_ft ({cfg.peft.method}) on `{cfg.data.path}`.",
+            "",
+            "| metric (held-out split) | before | after |",
+            "|---|---|---|",
+            *rows,
+            "",
+            f"Steps: {metrics.get('global_step')}, final loss {metrics.get('final_loss')}, "
+            f"runtime {metrics.get('train_runtime_s')} s.",
+            "",
+            "Artifacts: "
+            + ", ".join(f"`{v}/`" for v in artifacts.values())
+            + "; the resolved recipe is `recipe.yaml`.",
+            "",
+            'Use it: `python -m hpml_ft.infer --model_name_or_path <this dir>/merged --prompt "..."`',
+            "",
+        ]
+    )

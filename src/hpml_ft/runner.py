@@ -33,7 +33,9 @@ class InterruptCallback(TrainerCallback):
             signal.signal(signal.SIGINT, self._previous)
             raise KeyboardInterrupt
         self.requested = True
-        print("\n[hpml_ft] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
+        print(
+            "\n[hpml_ft] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr
+        )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.requested:
@@ -42,8 +44,9 @@ class InterruptCallback(TrainerCallback):
         return control
 
 
-def quick_eval(model: PreTrainedModel, tok: PreTrainedTokenizerBase, samples: list[dict], cfg: Config,
-               fmt: str) -> dict[str, Any]:
+def quick_eval(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, samples: list[dict], cfg: Config, fmt: str
+) -> dict[str, Any]:
     """Greedy answers to the first `train.eval_generate` held-out samples, scored by exact match."""
     from hpml_ft.evaluate import score_answers
     from hpml_ft.generation import generate
@@ -51,22 +54,45 @@ def quick_eval(model: PreTrainedModel, tok: PreTrainedTokenizerBase, samples: li
     samples = samples[: cfg.train.eval_generate]
     if not samples:
         return {}
-    preds, speed = generate(model, tok, [s["messages"][:-1] for s in samples], cfg.train.max_new_tokens,
-                            batch_size=cfg.train.per_device_batch_size * 2)
+    preds, speed = generate(
+        model,
+        tok,
+        [s["messages"][:-1] for s in samples],
+        cfg.train.max_new_tokens,
+        batch_size=cfg.train.per_device_batch_size * 2,
+    )
     scores = score_answers(samples, preds, fmt)
-    return {**scores, "n": len(samples), "tokens_per_s": round(speed["tokens_per_s"], 1),
-            "examples": [{"prompt": s["meta"].get("question", "")[:200], "gold": s["messages"][-1]["content"],
-                          "pred": p} for s, p in list(zip(samples, preds, strict=True))[:3]]}
+    return {
+        **scores,
+        "n": len(samples),
+        "tokens_per_s": round(speed["tokens_per_s"], 1),
+        "examples": [
+            {"prompt": s["meta"].get("question", "")[:200], "gold": s["messages"][-1]["content"], "pred": p}
+            for s, p in list(zip(samples, preds, strict=True))[:3]
+        ],
+    }
 
 
-def build_trainer(cfg: Config, model: PreTrainedModel, tok: PreTrainedTokenizerBase, train_ds: Dataset,
-                  eval_ds: Dataset | None, accum: int) -> SFTTrainer:
+def build_trainer(
+    cfg: Config,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    train_ds: Dataset,
+    eval_ds: Dataset | None,
+    accum: int,
+) -> SFTTrainer:
     from trl import SFTTrainer
 
     from hpml_ft.train import sft_config
 
-    return SFTTrainer(model=model, args=sft_config(cfg, accum), train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tok, callbacks=[InterruptCallback()])
+    return SFTTrainer(
+        model=model,
+        args=sft_config(cfg, accum),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tok,
+        callbacks=[InterruptCallback()],
+    )
 
 
 def peak_memory() -> dict[str, float]:
@@ -80,8 +106,9 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def save_artifacts(trainer: SFTTrainer, cfg: Config, tok: PreTrainedTokenizerBase, base_path: str,
-                   record: dict[str, Any]) -> dict[str, str]:
+def save_artifacts(
+    trainer: SFTTrainer, cfg: Config, tok: PreTrainedTokenizerBase, base_path: str, record: dict[str, Any]
+) -> dict[str, str]:
     """Adapter (PEFT methods) and a merged standalone model, each written to a temp dir then renamed."""
     from hpml_ft.merge import merge_adapter, set_generation_eos
 
@@ -107,8 +134,16 @@ def _eval_loss(trainer: SFTTrainer, eval_ds: Dataset | None) -> float | None:
     return round(trainer.evaluate()["eval_loss"], 4) if eval_ds is not None else None
 
 
-def run_training(cfg: Config, base_path: str, tok: PreTrainedTokenizerBase, splits: Splits, train_ds: Dataset,
-                 eval_ds: Dataset | None, accum: int, resume: str | None) -> int:
+def run_training(
+    cfg: Config,
+    base_path: str,
+    tok: PreTrainedTokenizerBase,
+    splits: Splits,
+    train_ds: Dataset,
+    eval_ds: Dataset | None,
+    accum: int,
+    resume: str | None,
+) -> int:
     from transformers import set_seed
 
     from hpml_ft.model import build_model, count_parameters, wrap_peft
@@ -125,34 +160,61 @@ def run_training(cfg: Config, base_path: str, tok: PreTrainedTokenizerBase, spli
     single = world_size() == 1 and not cfg.train.deepspeed  # quick generation eval only on one process
     metrics: dict[str, Any] = {"trainable_params": trainable, "total_params": total}
     if resume is None:
-        metrics["before"] = {"eval_loss": _eval_loss(trainer, eval_ds),
-                             **(quick_eval(trainer.model, tok, splits.eval, cfg, splits.format) if single else {})}
+        metrics["before"] = {
+            "eval_loss": _eval_loss(trainer, eval_ds),
+            **(quick_eval(trainer.model, tok, splits.eval, cfg, splits.format) if single else {}),
+        }
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
-    interrupted = any(isinstance(c, InterruptCallback) and c.requested for c in trainer.callback_handler.callbacks)
+    interrupted = any(
+        isinstance(c, InterruptCallback) and c.requested for c in trainer.callback_handler.callbacks
+    )
     if interrupted:
-        print(f"[hpml_ft] stopped at step {trainer.state.global_step}; checkpoint saved under {run_dir}/checkpoints. "
-              f"Resume with: python -m hpml_ft.train <recipe> ... train.resume=auto", file=sys.stderr)
+        print(
+            f"[hpml_ft] stopped at step {trainer.state.global_step}; checkpoint saved under {run_dir}/checkpoints. "
+            f"Resume with: python -m hpml_ft.train <recipe> ... train.resume=auto",
+            file=sys.stderr,
+        )
         return 130
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    metrics.update({
-        "train_runtime_s": round(time.perf_counter() - start, 1), "global_step": trainer.state.global_step,
-        "train_loss": round(result.training_loss, 4), "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None, "loss_curve": losses, "tokens_seen": trainer.state.num_input_tokens_seen,
-        "effective_batch_size": cfg.train.effective_batch_size, "grad_accum": accum, "processes": world_size(),
-    })
+    metrics.update(
+        {
+            "train_runtime_s": round(time.perf_counter() - start, 1),
+            "global_step": trainer.state.global_step,
+            "train_loss": round(result.training_loss, 4),
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "loss_curve": losses,
+            "tokens_seen": trainer.state.num_input_tokens_seen,
+            "effective_batch_size": cfg.train.effective_batch_size,
+            "grad_accum": accum,
+            "processes": world_size(),
+        }
+    )
     if not all(math.isfinite(x) for x in losses):
-        print("[hpml_ft] warning: non-finite loss during training; lower train.learning_rate", file=sys.stderr)
-    metrics["after"] = {"eval_loss": _eval_loss(trainer, eval_ds),
-                        **(quick_eval(trainer.model, tok, splits.eval, cfg, splits.format) if single else {})}
+        print(
+            "[hpml_ft] warning: non-finite loss during training; lower train.learning_rate", file=sys.stderr
+        )
+    metrics["after"] = {
+        "eval_loss": _eval_loss(trainer, eval_ds),
+        **(quick_eval(trainer.model, tok, splits.eval, cfg, splits.format) if single else {}),
+    }
     metrics.update(peak_memory())
     record = {"recipe": cfg.model_dump(mode="json"), "base_model": cfg.model.name_or_path, "metrics": metrics}
     artifacts = save_artifacts(trainer, cfg, tok, base_path, record)
     if trainer.accelerator.is_main_process:
         write_json_atomic(run_dir / "metrics.json", metrics)
         write_text_atomic(run_dir / "README.md", model_card(cfg, metrics, artifacts))
-        write_json_atomic(run_dir / RUN_RECORD, {"status": "finished", "artifacts": artifacts, "format": splits.format,
-                                                 "base_path": base_path, "versions": versions(), **record})
+        write_json_atomic(
+            run_dir / RUN_RECORD,
+            {
+                "status": "finished",
+                "artifacts": artifacts,
+                "format": splits.format,
+                "base_path": base_path,
+                "versions": versions(),
+                **record,
+            },
+        )
         print(f"[hpml_ft] done: {run_dir} (merged model: {run_dir / 'merged'})")
     return 0
-

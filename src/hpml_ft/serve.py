@@ -24,8 +24,12 @@ SERVING_MODULES = ("fastapi", "uvicorn", "openai")  # what is_serve_available() 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m hpml_ft.serve", description=__doc__.splitlines()[0])
-    p.add_argument("model", nargs="?", help="run dir (serves its merged/), model dir or 'embedded' "
-                                            "(default: the latest finished run under outputs/)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="run dir (serves its merged/), model dir or 'embedded' "
+        "(default: the latest finished run under outputs/)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
@@ -49,8 +53,10 @@ def model_dir(target: str | None) -> Path:
     is_adapter = (Path(target) / "adapter_config.json").is_file()
     adapter = target if is_adapter else resolve_entry(target, None).adapter  # a run with no merged model
     if adapter:
-        fail(f"{target} is a LoRA adapter but transformers serve needs a standalone model; merge it first: "
-             f"python -m hpml_ft.merge --adapter {adapter} --out {Path(adapter).parent / 'merged'}")
+        fail(
+            f"{target} is a LoRA adapter but transformers serve needs a standalone model; merge it first: "
+            f"python -m hpml_ft.merge --adapter {adapter} --out {Path(adapter).parent / 'merged'}"
+        )
     spec = resolve_entry(target, None)
     p = Path(spec.path)
     if not p.is_dir():
@@ -63,8 +69,10 @@ def model_dir(target: str | None) -> Path:
 def check_serving_deps() -> None:
     missing = [m for m in SERVING_MODULES if importlib.util.find_spec(m) is None]
     if missing:
-        fail(f"serving needs {', '.join(missing)}: pip install 'transformers[serving]' "
-             "(or: pip install -e '.[serve]')")
+        fail(
+            f"serving needs {', '.join(missing)}: pip install 'transformers[serving]' "
+            "(or: pip install -e '.[serve]')"
+        )
 
 
 def check_port(host: str, port: int) -> None:
@@ -82,22 +90,24 @@ def usage(model: Path, host: str, port: int) -> str:
     base = f"http://{shown}:{port}"
     hello = [{"role": "user", "content": "Hello! Who are you?"}]
     body = {"model": str(model), "messages": hello, "max_tokens": 64}
-    return "\n".join([
-        f"[hpml_ft] serving {model} with `transformers serve` (OpenAI-compatible API)",
-        f"  base URL: {base}/v1   (ready when {base}/health answers; Ctrl-C stops it)",
-        f"  model:    {model}   (the only model this server answers for; the field may be omitted)",
-        "",
-        "  curl example:",
-        f"    curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\",
-        f"      -d {shlex.quote(json.dumps(body))}",
-        "",
-        "  openai client example (pip install openai):",
-        "    from openai import OpenAI",
-        f"    client = OpenAI(base_url={base + '/v1'!r}, api_key='unused')",
-        f"    reply = client.chat.completions.create(model={str(model)!r}, max_tokens=64,",
-        f"                                           messages={hello!r})",
-        "    print(reply.choices[0].message.content)",
-    ])
+    return "\n".join(
+        [
+            f"[hpml_ft] serving {model} with `transformers serve` (OpenAI-compatible API)",
+            f"  base URL: {base}/v1   (ready when {base}/health answers; Ctrl-C stops it)",
+            f"  model:    {model}   (the only model this server answers for; the field may be omitted)",
+            "",
+            "  curl example:",
+            f"    curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\",
+            f"      -d {shlex.quote(json.dumps(body))}",
+            "",
+            "  openai client example (pip install openai):",
+            "    from openai import OpenAI",
+            f"    client = OpenAI(base_url={base + '/v1'!r}, api_key='unused')",
+            f"    reply = client.chat.completions.create(model={str(model)!r}, max_tokens=64,",
+            f"                                           messages={hello!r})",
+            "    print(reply.choices[0].message.content)",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,8 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     # A local model needs no hub; the update check of the transformers CLI would query PyPI on every start.
     env = {**os.environ, "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
     env.setdefault("HF_HUB_OFFLINE", "1")
-    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model), "--host", a.host,
-           "--port", str(a.port), "--device", a.device, "--dtype", a.dtype]
+    cmd = [
+        sys.executable,
+        "-m",
+        "transformers.cli.transformers",
+        "serve",
+        str(model),
+        "--host",
+        a.host,
+        "--port",
+        str(a.port),
+        "--device",
+        a.device,
+        "--dtype",
+        a.dtype,
+    ]
     os.execve(sys.executable, cmd, env)  # the server replaces this process: signals and exit code are its own
     return 0
 

@@ -57,7 +57,9 @@ def render_answer(answer: Any, scale: str) -> str:
 
 def _check_context(ctx: Any, i: int, path: str) -> None:
     if not isinstance(ctx, dict) or not {"table", "paragraphs", "questions"} <= ctx.keys():
-        fail(f"{path}: item {i} is not a TAT-QA context (needs table, paragraphs, questions); check --format/data.format")
+        fail(
+            f"{path}: item {i} is not a TAT-QA context (needs table, paragraphs, questions); check --format/data.format"
+        )
     if not isinstance(ctx["table"], dict) or "table" not in ctx["table"]:
         fail(f"{path}: item {i} has a malformed table (expected {{'uid', 'table': [[cells]]}})")
     for q in ctx["questions"]:
@@ -78,12 +80,22 @@ def tatqa_samples(contexts: list[dict], path: str, system_prompt: str | None = N
                 {"role": "user", "content": f"{context_text}\n\nQuestion: {q['question']}"},
                 {"role": "assistant", "content": render_answer(q["answer"], q["scale"])},
             ]
-            gold = {k: q.get(k) for k in ("uid", "answer", "answer_type", "answer_from", "scale", "derivation")}
-            samples.append({
-                "id": q["uid"], "group": ctx["table"].get("uid", str(i)), "messages": messages,
-                "meta": {"question": q["question"], "table": ctx["table"]["table"],
-                         "paragraphs": [p["text"] for p in ctx["paragraphs"]], "gold": gold},
-            })
+            gold = {
+                k: q.get(k) for k in ("uid", "answer", "answer_type", "answer_from", "scale", "derivation")
+            }
+            samples.append(
+                {
+                    "id": q["uid"],
+                    "group": ctx["table"].get("uid", str(i)),
+                    "messages": messages,
+                    "meta": {
+                        "question": q["question"],
+                        "table": ctx["table"]["table"],
+                        "paragraphs": [p["text"] for p in ctx["paragraphs"]],
+                        "gold": gold,
+                    },
+                }
+            )
     return samples
 
 

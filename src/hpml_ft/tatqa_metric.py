@@ -40,9 +40,20 @@ from hpml_ft.tatqa_normalize import (
 )
 
 __all__ = [
-    "SCALES", "QuestionScore", "TaTQAScorer", "answer_string", "gold_items", "is_number", "iter_questions",
-    "normalize_answer", "parse_model_output", "score_file", "score_prediction", "score_predictions",
-    "to_number", "write_official_predictions",
+    "SCALES",
+    "QuestionScore",
+    "TaTQAScorer",
+    "answer_string",
+    "gold_items",
+    "is_number",
+    "iter_questions",
+    "normalize_answer",
+    "parse_model_output",
+    "score_file",
+    "score_prediction",
+    "score_predictions",
+    "to_number",
+    "write_official_predictions",
 ]
 
 

@@ -9,25 +9,29 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from hpml_ft.config import Config, dump_config, grad_accum_steps, load_config, world_size
+from hpml_ft.config import Config, grad_accum_steps, load_config
 from hpml_ft.errors import fail, run_cli
 
 if TYPE_CHECKING:
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+OPTIMIZERS = {
+    "adamw_torch": "adamw_torch",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m hpml_ft.train", description=__doc__.splitlines()[0])
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/lora_alpaca.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-4 peft.r=8")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and derived numbers; no training")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and derived numbers; no training"
+    )
     return p.parse_args(argv)
 
 
@@ -91,7 +95,9 @@ def check_environment(cfg: Config) -> None:
     from hpml_ft.model import attn_implementation, check_bitsandbytes, torch_dtype
 
     precision_flags(cfg)  # fp16/bf16 asked for on a machine that cannot run it
-    attn_implementation(cfg.model, torch_dtype(cfg.model))  # FlashAttention-2 asked for without flash-attn/CUDA
+    attn_implementation(
+        cfg.model, torch_dtype(cfg.model)
+    )  # FlashAttention-2 asked for without flash-attn/CUDA
     if cfg.quantized_4bit or cfg.model.load_in_8bit or cfg.train.optimizer != "adamw_torch":
         check_bitsandbytes()
     if cfg.train.deepspeed:
@@ -119,16 +125,22 @@ def prepare_run_dir(cfg: Config) -> str | None:
     ckpts = run_dir / "checkpoints"
     if resume and resume != "auto":
         if not Path(resume).is_dir():
-            fail(f"train.resume={resume} is not a checkpoint directory; use train.resume=auto or a checkpoint-N path")
+            fail(
+                f"train.resume={resume} is not a checkpoint directory; use train.resume=auto or a checkpoint-N path"
+            )
         return resume
     if resume == "auto":
         last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
-        print(f"[hpml_ft] resume=auto: {'resuming from ' + last if last else 'no checkpoint found, starting fresh'}")
+        print(
+            f"[hpml_ft] resume=auto: {'resuming from ' + last if last else 'no checkpoint found, starting fresh'}"
+        )
         return last
     if run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.train.overwrite:
             state = "a finished run" if (run_dir / RUN_RECORD).exists() else "an unfinished run"
-            fail(f"{run_dir} holds {state}; pass train.overwrite=true to replace it or train.resume=auto to continue")
+            fail(
+                f"{run_dir} holds {state}; pass train.overwrite=true to replace it or train.resume=auto to continue"
+            )
         if int(os.environ.get("RANK", "0")) == 0:
             shutil.rmtree(run_dir)
     return None
