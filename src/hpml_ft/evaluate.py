@@ -30,7 +30,7 @@ def score_answers(samples: list[dict], preds: list[str], fmt: str) -> dict[str, 
         from hpml_ft.tatqa_metric import parse_model_output, score_prediction
 
         rows = [
-            score_prediction(s["meta"]["gold"], *parse_model_output(p))
+            score_prediction(s["meta"]["gold"], *parse_model_output(p, keep_number_text=True))
             for s, p in zip(samples, preds, strict=True)
         ]
         ems, f1s = [r[0] for r in rows], [r[1] for r in rows]
@@ -59,7 +59,8 @@ def _tatqa_rows(samples: list[dict], preds: list[str]) -> tuple[list[dict], dict
     scorer, rows = TaTQAScorer(), []
     for s, pred in zip(samples, preds, strict=True):
         gold = s["meta"]["gold"]
-        answer, scale = parse_model_output(pred)
+        # numbers stay as written: models trained here answer in the gold's own text form (tatqa_data.render_answer)
+        answer, scale = parse_model_output(pred, keep_number_text=True)
         score = scorer.add(gold, answer, scale)
         rows.append(
             {
