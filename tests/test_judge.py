@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port, running_server
 
 from hpml_ft.errors import UserError
 from hpml_ft.judge import (
@@ -87,14 +83,8 @@ def test_local_judge_on_tiny_model(tiny_model_dir):
     assert summary["unparsed"] == sum(r["judge_score"] is None for r in rows)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_endpoint_fails_fast_and_request_errors_are_counted():
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(UserError, match="not reachable"):
         check_endpoint(url, None, timeout=5)
     with pytest.raises(UserError, match="http"):
@@ -111,7 +101,7 @@ def served(tiny_model_dir, tmp_path_factory):
 
     if not is_serve_available():
         pytest.skip("transformers serve needs fastapi/uvicorn: pip install 'transformers[serving]'")
-    port, log = _free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
+    port, log = free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [
         sys.executable,
         "-c",
@@ -127,29 +117,8 @@ def served(tiny_model_dir, tmp_path_factory):
         "--log-level",
         "info",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"transformers serve exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"transformers serve not ready in 120 s:\n{log.read_text()[-2000:]}")
-                time.sleep(0.5)
+    with running_server(cmd, f"http://127.0.0.1:{port}", log, timeout_s=120):
         yield f"http://127.0.0.1:{port}/v1", log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _posts(log: Path) -> int:

@@ -6,12 +6,11 @@ import json
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
+from conftest import free_port, running_server
 
 from hpml_ft.errors import run_cli
 from hpml_ft.serve import main
@@ -23,12 +22,6 @@ def exit_code(argv: list[str]) -> int:
     with pytest.raises(SystemExit) as exc:
         run_cli(main, argv)
     return exc.value.code
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_help_imports_no_torch():
@@ -66,20 +59,6 @@ def test_dry_run_prints_usage_and_busy_port_is_refused(tiny_model_dir, capsys):
     assert "pick another --port" in capsys.readouterr().err
 
 
-def wait_ready(base: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
-                if json.load(r).get("status") == "ok":
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(1)
-    pytest.fail(f"server not ready after {READY_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
-
-
 def test_server_answers_an_openai_chat_completion(tiny_model_dir, tmp_path):
     for module in ("fastapi", "uvicorn", "openai"):
         pytest.importorskip(module)
@@ -88,10 +67,7 @@ def test_server_answers_an_openai_chat_completion(tiny_model_dir, tmp_path):
     port, log = free_port(), tmp_path / "serve.log"
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "hpml_ft.serve", str(tiny_model_dir), "--port", str(port), "--device", "cpu"]
-    with log.open("w") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        wait_ready(base, proc, log)
+    with running_server(cmd, base, log, READY_TIMEOUT_S):
         messages = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Hi"}]
         body = {"model": str(tiny_model_dir.resolve()), "max_tokens": 5, "messages": messages}
         req = urllib.request.Request(
@@ -105,10 +81,3 @@ def test_server_answers_an_openai_chat_completion(tiny_model_dir, tmp_path):
         assert isinstance(reply.choices[0].message.content, str)
         assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 5
         assert f"base URL: {base}/v1" in log.read_text()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
