@@ -13,6 +13,7 @@ Results (step time, tokens/s, peak memory, the planner's estimate) go to DIR/gpu
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -272,7 +273,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
+    p.add_argument("--out", default=os.environ.get("OUT", "outputs/gpu_check"))
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--cpu-smoke", action="store_true", help="tiny config on the CPU: checks the script itself"
@@ -301,8 +302,11 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for i, (model, method, ds, batch, seq, ckpt) in enumerate(cases):
-        if time.perf_counter() - t0 > args.deadline_s:
-            results.append({"model": model, "method": method, "error": "skipped: deadline reached"})
+        skip = "deadline reached" if time.perf_counter() - t0 > args.deadline_s else None
+        if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+            skip = "bitsandbytes not installed (carry .whl/extra)"
+        if skip:
+            results.append({"model": model, "method": method, "error": f"skipped: {skip}"})
             continue
         case = {
             "model": model,

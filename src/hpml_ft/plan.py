@@ -209,11 +209,11 @@ def estimate(sh: Shape, st: Setup) -> list[Row]:
     count, pbytes, state = _trainable(sh, st)
     w = _weight_bytes(sh, st) / (n if st.zero == 3 else 1)
     g = count * pbytes / (n if st.zero >= 2 else 1)
-    o = (
-        count * ((4.0 if st.zero else 0.0) + 2 * state) / (n if st.zero >= 1 else 1)
-    )  # DeepSpeed: + fp32 master
+    master = 4.0 if st.zero else 0.0  # DeepSpeed keeps an fp32 master copy of what it trains
+    o = count * (master + 2 * state) / (n if st.zero >= 1 else 1)
+    # Step transients: DeepSpeed's fp32 gradient copy + torch AdamW's foreach temporaries (8-bit Adam: fused)
     stepped = min(count / n, st.sub_group) if st.zero == 3 else count / n if st.zero else count
-    step = stepped * ((4.0 if st.zero else 0.0) + (state if st.optimizer == "adamw_torch" else 0.0))
+    step = stepped * (master + (state if st.optimizer == "adamw_torch" else 0.0))
     grad_phase = "all" if st.zero or st.accum > 1 else "step"  # torch frees grads after each step
     rows = [
         ("weights", w, 0.0, "all"),
@@ -291,7 +291,7 @@ def setup_for(
     t, m = cfg.train, cfg.model
     ds = deepspeed_settings(t.deepspeed)
     zero = ds.get("zero", 0) if zero is None else zero
-    offload = ds.get("offload", False) if offload is None else offload
+    offload = (ds.get("offload", False) and zero > 0) if offload is None else offload
     if offload and zero == 0:
         fail("offload needs DeepSpeed ZeRO: pass --zero 1, 2 or 3 (or a recipe with train.deepspeed)")
     if cfg.quantized_4bit and zero == 3:
@@ -419,12 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu_mem_gib is not None and args.gpu_mem_gib <= 0:
         fail(f"--gpu-mem-gib must be positive, got {args.gpu_mem_gib:g}")
     cfg = load_config(args.recipe, args.overrides)
-    from hpml_ft.model import resolve_model_path
-
-    model_path = resolve_model_path(cfg.model.name_or_path)
     gpus = args.gpus or (1 if args.cpu else accelerate_processes(cfg))
     st = setup_for(cfg, gpus, gpu=not args.cpu, zero=args.zero, offload=args.offload)
-    sh, source = shape_for(cfg, model_path)
+    from hpml_ft.model import resolve_model_path
+
+    sh, source = shape_for(cfg, resolve_model_path(cfg.model.name_or_path))
     print(f"model: {cfg.model.name_or_path} (config: {source})")
     print(render(sh, st, args.gpu_mem_gib or (ram_gib() if args.cpu else 80.0), "CPU" if args.cpu else "GPU"))
     return 0

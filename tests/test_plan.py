@@ -1,0 +1,167 @@
+"""The memory planner: ZeRO-paper arithmetic on real model shapes, orderings that must hold, CLI errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from hpml_ft.config import load_config
+from hpml_ft.errors import run_cli
+from hpml_ft.plan import (
+    GIB,
+    Setup,
+    largest_batch,
+    load_model_config,
+    main,
+    model_shape,
+    plan_text_for_config,
+    setup_for,
+    total_bytes,
+)
+
+LLAMA3_8B = "meta-llama/Meta-Llama-3-8B-Instruct"
+FFT_8B = "recipes/fft_llama3_8b_tatqa.yaml"
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    """Llama-3-8B from the built-in config (no weights, no network), full and with a r=16 all-linear LoRA."""
+    mcfg, source = load_model_config(LLAMA3_8B)
+    assert source.startswith("built-in") or "cache" in source
+    return {"full": model_shape(mcfg, "full"), "lora": model_shape(mcfg, "lora", 16, "all-linear")}
+
+
+def _states(rows) -> float:
+    return sum(dev for name, dev, _, _ in rows if name in ("weights", "gradients", "optimizer states"))
+
+
+def test_parameter_counts_match_the_public_model_cards(shapes):
+    assert shapes["full"].total == 8_030_261_248
+    assert shapes["lora"].lora == 41_943_040  # r * (in + out) over q,k,v,o,gate,up,down x 32 layers
+    one_b = model_shape(load_model_config("meta-llama/Llama-3.2-1B-Instruct")[0])
+    assert one_b.total == 1_235_814_400  # tied embeddings counted once
+
+
+def test_full_ft_zero3_model_states_are_16_psi_over_n(shapes):
+    """ZeRO paper: bf16 weights + grads (2 + 2) + fp32 master, m, v (12) = 16 bytes per parameter, / N GPUs."""
+    from hpml_ft.plan import estimate
+
+    sh = shapes["full"]
+    for gpus in (1, 4, 16):
+        rows = estimate(sh, Setup(method="full", zero=3, gpus=gpus))
+        assert _states(rows) == pytest.approx(
+            16 * sh.total / gpus, rel=1e-6
+        )  # exact arithmetic, 1e-6 tolerance
+
+
+def test_lora_needs_less_than_full_and_qlora_less_than_lora(shapes):
+    base = Setup(batch=1, seq=2048, checkpointing=True)
+    full = total_bytes(shapes["full"], replace(base, method="full"))
+    lora = total_bytes(shapes["lora"], replace(base, method="lora"))
+    qlora = total_bytes(shapes["lora"], replace(base, method="qlora", weights="nf4"))
+    assert qlora < lora < full
+    assert 4.5 * GIB < qlora < 12 * GIB  # ~0.52 B/param for 7B of linear weights + 1 GiB bf16 embeddings
+    assert lora > 16 * GIB  # 8.03B bf16 weights alone are 15 GiB
+
+
+def test_zero_stages_shard_more_and_more(shapes):
+    sh, peak = shapes["full"], {}
+    for zero in (0, 1, 2, 3):
+        peak[zero] = total_bytes(sh, Setup(method="full", zero=zero, gpus=4, checkpointing=True))
+    assert peak[3] < peak[2] < peak[1]
+    assert peak[1] < total_bytes(sh, Setup(method="full", zero=1, gpus=1, checkpointing=True))
+
+
+def test_offload_moves_states_to_cpu_ram(shapes):
+    from hpml_ft.plan import estimate, peak
+
+    on_gpu = Setup(method="full", zero=3, gpus=4, checkpointing=True)
+    offloaded = replace(on_gpu, offload=True)
+    assert total_bytes(shapes["full"], offloaded) < total_bytes(shapes["full"], on_gpu) - 25 * GIB
+    cpu = peak(estimate(shapes["full"], offloaded), column=2)
+    assert cpu > (12 + 4) * shapes["full"].total / 4 * 0.99  # optimizer + fp32 grads per rank on the host
+
+
+def test_suggested_batch_is_monotone(shapes):
+    st = Setup(method="full", zero=3, gpus=4, seq=2048, checkpointing=True)
+    by_memory = [largest_batch(shapes["full"], st, g * GIB) for g in (24, 40, 80, 141)]
+    assert by_memory == sorted(by_memory) and by_memory[0] == 0 and by_memory[-1] > by_memory[1]
+    by_gpus = [largest_batch(shapes["full"], replace(st, gpus=n), 80 * GIB) for n in (2, 4, 8)]
+    assert by_gpus == sorted(by_gpus)
+    no_ckpt = largest_batch(shapes["full"], replace(st, checkpointing=False), 80 * GIB)
+    assert no_ckpt < by_memory[2]
+    assert total_bytes(shapes["full"], replace(st, batch=by_memory[2] + 1)) > 0.95 * 80 * GIB
+
+
+def test_the_8b_recipe_fits_4_a100_40gb_at_its_batch():
+    cfg = load_config(FFT_8B)
+    st = setup_for(cfg, gpus=4, gpu=True)
+    assert (st.zero, st.batch, st.seq, st.checkpointing) == (3, 1, 2048, True)
+    sh = model_shape(load_model_config(LLAMA3_8B)[0], "full")
+    assert largest_batch(sh, st, 0.95 * 40 * GIB) == cfg.train.per_device_batch_size
+
+
+def test_lora_count_matches_peft_on_a_real_model(tiny_model_dir):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hpml_ft.model import lora_config
+
+    cfg = load_config(
+        None, [f"model.name_or_path={tiny_model_dir}", "peft.r=4", "peft.method=dora", "train.max_steps=1"]
+    )
+    mcfg = load_model_config(str(tiny_model_dir))[0]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(cfg.peft))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert model_shape(mcfg, "dora", 4, "all-linear").lora == trainable
+
+
+def test_plan_text_for_the_dry_run(tiny_model_dir):
+    cfg = load_config("recipes/fft_embedded.yaml", [f"model.name_or_path={tiny_model_dir}"])
+    text = plan_text_for_config(cfg, str(tiny_model_dir))
+    assert "| **peak**" in text and "ZeRO-3" in text and "largest per-device batch that fits" in text
+
+
+def test_cli_prints_the_table(capsys):
+    assert main([FFT_8B, "--gpus", "4", "--gpu-mem-gib", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "| optimizer states | 22.44 GiB |" in out and "fits" in out
+    assert main([FFT_8B, "--gpus", "1", "--gpu-mem-gib", "80"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([FFT_8B, "--gpus", "0"], "--gpus must be at least 1"),
+        ([FFT_8B, "--gpu-mem-gib", "-3"], "--gpu-mem-gib must be positive"),
+        ([FFT_8B, "--zero", "0", "--offload"], "offload needs DeepSpeed ZeRO"),
+        (["recipes/nope.yaml"], "recipe not found"),
+        ([FFT_8B, "model.name_or_path=acme/unknown-model"], "no config for 'acme/unknown-model'"),
+        (
+            ["recipes/fft_embedded.yaml", "peft.method=qlora", "train.deepspeed=null", "--zero", "3"],
+            "with ZeRO-3",
+        ),
+        ([FFT_8B, "--zero", "5"], "invalid choice"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_process_exit_code():
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpml_ft.plan", FFT_8B, "--gpus", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: --gpus must be at least 1, got 0"
