@@ -8,6 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 RECIPE ?= recipes/lora_alpaca.yaml
 ARGS ?=
 RUN ?=
+NUM_GPUS ?=
+ACCELERATE_CONFIG ?=
 
 .PHONY: install train test lint fft eval serve clean
 
@@ -29,6 +31,11 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest tests
+
+# Full fine-tuning with DeepSpeed ZeRO-3: the 8B TAT-QA recipe on GPUs; without a GPU the embedded model on CPU
+fft: install
+	$(BIN)/python -c "import deepspeed" 2>/dev/null || $(BIN)/pip install -q "deepspeed>=0.16"
+	PATH="$(BIN):$$PATH" RECIPE="$(if $(filter command line,$(origin RECIPE)),$(RECIPE))" NUM_GPUS="$(NUM_GPUS)" ACCELERATE_CONFIG="$(ACCELERATE_CONFIG)" ARGS="$(ARGS)" bash scripts/fft.sh
 
 eval: install
 	$(BIN)/python -m hpml_ft.eval $(ARGS)

@@ -242,7 +242,8 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit packed weights are counted as their logical size."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitioned parameters report their full size here
+        n *= 2 if p.__class__.__name__ == "Params4bit" else 1
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

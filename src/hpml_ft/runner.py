@@ -16,7 +16,7 @@ from hpml_ft.outputs import RUN_RECORD, finalize_dir, versions, write_json_atomi
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-    from trl import SFTTrainer
+    from trl import SFTConfig, SFTTrainer
 
     from hpml_ft.data import Splits
 
@@ -80,14 +80,16 @@ def build_trainer(
     train_ds: Dataset,
     eval_ds: Dataset | None,
     accum: int,
+    args: SFTConfig | None = None,
 ) -> SFTTrainer:
     from trl import SFTTrainer
 
     from hpml_ft.train import sft_config
 
+    args = args or sft_config(cfg, accum)
     return SFTTrainer(
         model=model,
-        args=sft_config(cfg, accum),
+        args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tok,
@@ -148,18 +150,23 @@ def run_training(
 
     from hpml_ft.model import build_model, count_parameters, wrap_peft
     from hpml_ft.report import model_card
+    from hpml_ft.train import sft_config
 
     set_seed(cfg.train.seed)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "recipe.yaml", dump_config(cfg))
+    # Training arguments first: with ZeRO-3 they register the DeepSpeed config, so the model below is
+    # partitioned while it loads instead of materialising in full on every rank.
+    args = sft_config(cfg, accum)
     model = wrap_peft(build_model(cfg, base_path), cfg, cfg.train.gradient_checkpointing)
     trainable, total = count_parameters(model)
     print(f"[hpml_ft] {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters")
-    trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, accum)
+    trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, accum, args)
     single = world_size() == 1 and not cfg.train.deepspeed  # quick generation eval only on one process
     metrics: dict[str, Any] = {"trainable_params": trainable, "total_params": total}
-    if resume is None:
+    # Under DeepSpeed, evaluate() before train() leaves an eval-only engine that breaks backward: skip it there.
+    if resume is None and not cfg.train.deepspeed:
         metrics["before"] = {
             "eval_loss": _eval_loss(trainer, eval_ds),
             **(quick_eval(trainer.model, tok, splits.eval, cfg, splits.format) if single else {}),

@@ -110,9 +110,24 @@ def check_environment(cfg: Config) -> None:
             fail(f"{ds}: invalid JSON at line {err.lineno}: {err.msg}; fix the DeepSpeed config")
         if importlib.util.find_spec("deepspeed") is None:
             fail("train.deepspeed is set but DeepSpeed is not installed: pip install deepspeed")
+        single_process_dist_env()
     for backend in cfg.tracking.report_to:
         if backend != "none" and importlib.util.find_spec(backend) is None:
             fail(f"tracking.report_to lists {backend} but it is not installed: pip install {backend}")
+
+
+def single_process_dist_env() -> None:
+    """Plain `python -m hpml_ft.train` with DeepSpeed: give it the one-process rendezvous a launcher would."""
+    if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    defaults = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
 
 
 def prepare_run_dir(cfg: Config) -> str | None:
@@ -135,14 +150,14 @@ def prepare_run_dir(cfg: Config) -> str | None:
             f"[hpml_ft] resume=auto: {'resuming from ' + last if last else 'no checkpoint found, starting fresh'}"
         )
         return last
-    if run_dir.exists() and any(run_dir.iterdir()):
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0 and run_dir.exists() and any(run_dir.iterdir()):  # other ranks may see rank 0's fresh files
         if not cfg.train.overwrite:
             state = "a finished run" if (run_dir / RUN_RECORD).exists() else "an unfinished run"
             fail(
                 f"{run_dir} holds {state}; pass train.overwrite=true to replace it or train.resume=auto to continue"
             )
-        if int(os.environ.get("RANK", "0")) == 0:
-            shutil.rmtree(run_dir)
+        shutil.rmtree(run_dir)
     return None
 
 
