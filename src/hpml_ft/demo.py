@@ -8,9 +8,54 @@ from __future__ import annotations
 
 import random
 
-_NOUNS = ["apple", "river", "lamp", "stone", "cloud", "garden", "window", "pencil", "harbor", "candle", "forest", "mirror", "ladder", "basket", "bridge", "engine", "ticket", "rocket", "violin", "castle", "meadow", "compass", "anchor", "blanket", "pepper", "saddle", "tunnel"]
+_NOUNS = [
+    "apple",
+    "river",
+    "lamp",
+    "stone",
+    "cloud",
+    "garden",
+    "window",
+    "pencil",
+    "harbor",
+    "candle",
+    "forest",
+    "mirror",
+    "ladder",
+    "basket",
+    "bridge",
+    "engine",
+    "ticket",
+    "rocket",
+    "violin",
+    "castle",
+    "meadow",
+    "compass",
+    "anchor",
+    "blanket",
+    "pepper",
+    "saddle",
+    "tunnel",
+]
 _COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "silver", "brown"]
-_NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Farah", "Goro", "Hana", "Ivan", "Jade", "Kofi", "Lena", "Mateo", "Nia", "Omar", "Priya"]
+_NAMES = [
+    "Ana",
+    "Ben",
+    "Chen",
+    "Dara",
+    "Eli",
+    "Farah",
+    "Goro",
+    "Hana",
+    "Ivan",
+    "Jade",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nia",
+    "Omar",
+    "Priya",
+]
 _UNITS = ["crates", "boxes", "barrels", "bottles", "parcels", "sacks"]
 
 
