@@ -146,10 +146,7 @@ def resolve_model(spec: str) -> str:
 
 def load_model(path: str, mcfg: ModelConfig | None = None, dtype: str | None = None) -> PreTrainedModel:
     """A causal LM for generation, dtype and attention picked by model.py (bf16 on GPUs, fp32 on CPU)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from hpml_ft.model import attn_implementation, torch_dtype
+    from hpml_ft.model import load_causal_lm
 
     mcfg = mcfg or ModelConfig()
     mcfg = ModelConfig(
@@ -157,14 +154,7 @@ def load_model(path: str, mcfg: ModelConfig | None = None, dtype: str | None = N
         attn_implementation=mcfg.attn_implementation,
         trust_remote_code=mcfg.trust_remote_code,
     )
-    dt = torch_dtype(mcfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dt,
-        trust_remote_code=mcfg.trust_remote_code,
-        attn_implementation=attn_implementation(mcfg, dt),
-    )
-    return model.to("cuda") if torch.cuda.is_available() else model
+    return load_causal_lm(path, mcfg)
 
 
 def generate_all(

@@ -199,15 +199,11 @@ def with_system(messages: list[dict], system: str | None) -> list[dict]:
 def load_model(spec: ModelSpec, dtype: str) -> tuple[Any, Any]:
     """Model (+ unmerged adapter) and tokenizer, on the GPU when there is one."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from hpml_ft.config import ModelConfig
-    from hpml_ft.model import attn_implementation, load_tokenizer, torch_dtype
+    from hpml_ft.model import load_causal_lm, load_tokenizer
 
-    mc = ModelConfig(dtype=dtype)
-    dt = torch_dtype(mc)
-    attn = attn_implementation(mc, dt)
-    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dt, attn_implementation=attn)
+    model = load_causal_lm(spec.path, ModelConfig(dtype=dtype))
     tok_dir = spec.path
     if spec.adapter:
         import warnings

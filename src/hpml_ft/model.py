@@ -204,6 +204,22 @@ def build_model(cfg: Config, path: str | None = None) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(path, **model_kwargs(cfg))
 
 
+def load_causal_lm(path: str, mcfg: ModelConfig | None = None) -> PreTrainedModel:
+    """A causal LM for generation (infer, eval): dtype and attention picked as for training, on the GPU if any."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    mcfg = mcfg or ModelConfig()
+    dtype = torch_dtype(mcfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        attn_implementation=attn_implementation(mcfg, dtype),
+        trust_remote_code=mcfg.trust_remote_code,
+    )
+    return model.to("cuda") if torch.cuda.is_available() else model
+
+
 def lora_config(p: PeftConfig) -> LoraConfig:
     from peft import LoraConfig
 
