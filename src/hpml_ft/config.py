@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,8 @@ from hpml_ft import EMBEDDED_MODEL
 from hpml_ft.errors import UserError, fail
 
 Method = Literal["none", "lora", "qlora", "dora", "full"]
+# A run name is one path component inside train.output_dir: no separators, no '..', nothing hidden.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class _Section(BaseModel):
@@ -114,6 +117,12 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         t, p = self.train, self.peft
+        if not _SAFE_NAME.fullmatch(self.run_name):
+            key = "train.run_name" if t.run_name is not None else "name"
+            raise ValueError(
+                f"{key}={self.run_name!r} must be one plain directory name (letters, digits, '.', '_', '-', "
+                "starting with a letter or digit), not a path: runs always live inside train.output_dir"
+            )
         if (t.num_epochs is None) == (t.max_steps is None):
             raise ValueError(
                 "set exactly one of train.num_epochs and train.max_steps "
@@ -144,7 +153,7 @@ class Config(_Section):
 
     @property
     def run_name(self) -> str:
-        return self.train.run_name or self.name
+        return self.train.run_name if self.train.run_name is not None else self.name
 
     @property
     def run_dir(self) -> Path:

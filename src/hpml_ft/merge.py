@@ -82,6 +82,17 @@ def merge_adapter(
     return Path(out)
 
 
+def check_not_overlapping(out: Path, inputs: list[Path]) -> None:
+    """Refuse an output that equals, contains or lies inside an input: --overwrite would delete the input."""
+    o = out.resolve()
+    for src in inputs:
+        if not src.exists():
+            continue
+        i = src.resolve()
+        if o == i or o in i.parents or i in o.parents:
+            fail(f"--out {out} overlaps the input {src}; write the merged model to a separate directory")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hpml_ft.merge", description=__doc__.splitlines()[0])
     p.add_argument("--adapter", required=True, help="adapter directory (outputs/<run>/adapter)")
@@ -91,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     args = p.parse_args(argv)
     out = Path(args.out)
+    check_not_overlapping(out, [Path(args.adapter)] + ([Path(args.base)] if args.base else []))
+    if (out / "run.json").exists():
+        fail(f"{out} is a training run directory, not a model directory; pass e.g. --out {out / 'merged2'}")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         fail(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     merge_adapter(args.adapter, out, args.base, args.dtype)

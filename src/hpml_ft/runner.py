@@ -6,6 +6,7 @@ import math
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
@@ -114,7 +115,8 @@ def save_artifacts(
     """Adapter (PEFT methods) and a merged standalone model, each written to a temp dir then renamed."""
     from hpml_ft.merge import merge_adapter, set_generation_eos
 
-    run_dir, main_proc = cfg.run_dir, trainer.accelerator.is_main_process
+    run_dir = Path(trainer.args.output_dir).parent  # the run dir (a staging dir while overwriting)
+    main_proc = trainer.accelerator.is_main_process
     peft = cfg.peft.method not in ("full", "none")
     name = "adapter" if peft else "merged"
     staging = run_dir / f".{name}.tmp"
@@ -145,7 +147,9 @@ def run_training(
     eval_ds: Dataset | None,
     accum: int,
     resume: str | None,
+    run_dir: Path | None = None,
 ) -> int:
+    """Train in `run_dir` (default: cfg.run_dir; an overwrite trains in a staging dir, see train.py)."""
     from transformers import set_seed
 
     from hpml_ft.model import build_model, count_parameters, wrap_peft
@@ -153,12 +157,12 @@ def run_training(
     from hpml_ft.train import sft_config
 
     set_seed(cfg.train.seed)
-    run_dir = cfg.run_dir
+    run_dir = run_dir or cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "recipe.yaml", dump_config(cfg))
     # Training arguments first: with ZeRO-3 they register the DeepSpeed config, so the model below is
     # partitioned while it loads instead of materialising in full on every rank.
-    args = sft_config(cfg, accum)
+    args = sft_config(cfg, accum, run_dir)
     model = wrap_peft(build_model(cfg, base_path), cfg, cfg.train.gradient_checkpointing)
     trainable, total = count_parameters(model)
     print(f"[hpml_ft] {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters")

@@ -47,13 +47,13 @@ def precision_flags(cfg: Config) -> dict[str, bool]:
     return {"bf16": want == "bf16", "fp16": want == "fp16", "use_cpu": not torch.cuda.is_available()}
 
 
-def sft_config(cfg: Config, accum: int) -> SFTConfig:
+def sft_config(cfg: Config, accum: int, run_dir: Path | None = None) -> SFTConfig:
     """TRL SFTConfig from the recipe. Data is pre-tokenized with assistant masks (see data.py)."""
     from trl import SFTConfig
 
     t = cfg.train
     return SFTConfig(
-        output_dir=str(cfg.run_dir / "checkpoints"),
+        output_dir=str((run_dir or cfg.run_dir) / "checkpoints"),
         run_name=cfg.run_name,
         per_device_train_batch_size=t.per_device_batch_size,
         per_device_eval_batch_size=t.per_device_batch_size,
@@ -136,35 +136,56 @@ def single_process_dist_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def prepare_run_dir(cfg: Config) -> str | None:
-    """Refuse to clobber a finished/interrupted run unless asked; return the checkpoint to resume from."""
+def _last_checkpoint(run_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
-    from hpml_ft.outputs import RUN_RECORD
+    ckpts = run_dir / "checkpoints"
+    return get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+
+
+def prepare_run_dir(cfg: Config) -> tuple[Path, str | None]:
+    """Lock the run name, check what the run dir holds, and decide where to train and what to resume.
+
+    Returns (dir to train in, checkpoint to resume from). A finished or resumable run is never deleted up
+    front: `train.overwrite=true` trains in a staging dir beside it and swaps only when the new run has
+    finished (kill -9 at any point leaves the old run loadable). A dir from a start that died before its
+    first checkpoint holds nothing worth keeping and does not block a rerun.
+    """
+    from hpml_ft.outputs import lock_run, recover_replaced, run_state, staging_run_dir
 
     run_dir, resume = cfg.run_dir, cfg.train.resume
-    ckpts = run_dir / "checkpoints"
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:  # one writer per run name (other ranks belong to the same launch)
+        lock_run(run_dir.parent, run_dir.name)
+        recover_replaced(run_dir)
     if resume and resume != "auto":
         if not Path(resume).is_dir():
             fail(
                 f"train.resume={resume} is not a checkpoint directory; use train.resume=auto or a checkpoint-N path"
             )
-        return resume
+        return run_dir, resume
+    state = run_state(run_dir)
+    if cfg.train.overwrite and state in ("finished", "unfinished"):
+        staged = staging_run_dir(run_dir)
+        last = _last_checkpoint(staged) if resume == "auto" else None
+        if rank0 and not last and staged.parent.exists():
+            shutil.rmtree(staged.parent)  # our own leftover from an earlier, interrupted overwrite
+        print(f"[hpml_ft] overwrite: training in {staged}; {run_dir} is kept until the new run finishes")
+        return staged, last
     if resume == "auto":
-        last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+        last = _last_checkpoint(run_dir)
         print(
             f"[hpml_ft] resume=auto: {'resuming from ' + last if last else 'no checkpoint found, starting fresh'}"
         )
-        return last
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    if rank0 and run_dir.exists() and any(run_dir.iterdir()):  # other ranks may see rank 0's fresh files
-        if not cfg.train.overwrite:
-            state = "a finished run" if (run_dir / RUN_RECORD).exists() else "an unfinished run"
-            fail(
-                f"{run_dir} holds {state}; pass train.overwrite=true to replace it or train.resume=auto to continue"
-            )
-        shutil.rmtree(run_dir)
-    return None
+        return run_dir, last
+    if state == "failed_start" and rank0:
+        shutil.rmtree(run_dir)  # only files a start writes before its first checkpoint
+    elif state == "other" and rank0:
+        fail(f"{run_dir} exists and holds files that are not an hpml_ft run; pick another train.run_name")
+    elif state in ("finished", "unfinished") and rank0:
+        what = "a finished run" if state == "finished" else "an unfinished run with checkpoints"
+        fail(f"{run_dir} holds {what}; pass train.overwrite=true to replace it or train.resume=auto to continue")
+    return run_dir, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,10 +205,18 @@ def main(argv: list[str] | None = None) -> int:
 
         print_dry_run(cfg, model_path, train_ds, accum)
         return 0
-    resume = prepare_run_dir(cfg)
+    from hpml_ft.outputs import promote_run, release_run_locks
     from hpml_ft.runner import run_training
 
-    return run_training(cfg, model_path, tok, splits, train_ds, eval_ds, accum, resume)
+    try:
+        run_dir, resume = prepare_run_dir(cfg)
+        code = run_training(cfg, model_path, tok, splits, train_ds, eval_ds, accum, resume, run_dir)
+        if code == 0 and run_dir != cfg.run_dir and int(os.environ.get("RANK", "0")) == 0:
+            promote_run(run_dir, cfg.run_dir)  # the new run is complete: only now does it replace the old one
+            print(f"[hpml_ft] replaced {cfg.run_dir} with the new run")
+        return code
+    finally:
+        release_run_locks()
 
 
 if __name__ == "__main__":
