@@ -90,6 +90,9 @@ def test_kill9_then_resume_matches_uninterrupted(tiny_model_dir, alpaca_file, tm
         tmp_path, "cut", ["train.save_steps=4", "train.resume=auto"], tiny_model_dir, alpaca_file, steps
     )
     _assert_same(m_ref, w_ref, m_cut, w_cut)
+    # same weights alone would also come from a restart (same seed, same data): prove it resumed
+    assert Path(m_cut["resumed_from"]).name == "checkpoint-8"
+    assert m_cut["steps_run"] == steps - 8 and m_ref["steps_run"] == steps
 
 
 def test_ctrl_c_saves_checkpoint_and_says_how_to_resume(tiny_model_dir, alpaca_file, tmp_path):
@@ -111,6 +114,8 @@ def test_ctrl_c_saves_checkpoint_and_says_how_to_resume(tiny_model_dir, alpaca_f
     assert 3 <= stopped_at < steps
     m, _ = _finish(tmp_path, "out", ["train.resume=auto"], tiny_model_dir, alpaca_file, steps)
     assert m["global_step"] == steps
+    assert Path(m["resumed_from"]).name == f"checkpoint-{stopped_at}"
+    assert m["steps_run"] == steps - stopped_at
 
 
 def test_same_seed_same_loss_curve(tiny_model_dir, alpaca_file, tmp_path):

@@ -200,6 +200,9 @@ def run_training(
             "effective_batch_size": cfg.train.effective_batch_size,
             "grad_accum": accum,
             "processes": world_size(),
+            # what this process did: a resume must start at its checkpoint, not at step 0
+            "resumed_from": resume,
+            "steps_run": trainer.state.global_step - (int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0),
         }
     )
     if not all(math.isfinite(x) for x in losses):
