@@ -11,7 +11,7 @@ from hpml_ft.errors import UserError
 from hpml_ft.model import attn_implementation, resolve_model_path
 
 
-def test_embedded_model_loads_fast_and_generates():
+def test_embedded_model_loads_and_generates():
     pytest.importorskip("gguf")
     from transformers import AutoModelForCausalLM
 

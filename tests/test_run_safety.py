@@ -68,7 +68,9 @@ def test_kill9_during_overwrite_keeps_old_run(tiny_model_dir, alpaca_file, tmp_p
     run = out / "r"
     assert train_main([str(recipe), *_args(tiny_model_dir, alpaca_file, out, 2)]) == 0
     before = _digest(run)
-    proc = _spawn(recipe, _args(tiny_model_dir, alpaca_file, out, 200, "train.overwrite=true", "train.save_steps=2"))
+    proc = _spawn(
+        recipe, _args(tiny_model_dir, alpaca_file, out, 200, "train.overwrite=true", "train.save_steps=2")
+    )
     staged_ckpt = out / ".r.overwrite" / "r" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
     _wait_for(staged_ckpt.exists, proc)
     assert proc.poll() is None, proc.stdout.read()[-2000:]
@@ -92,9 +94,16 @@ def test_second_writer_is_refused(tiny_model_dir, alpaca_file, tmp_path, recipe)
     _wait_for(lambda: lock.exists() and lock.read_text().startswith("pid"), first)
     try:
         second = subprocess.run(
-            [sys.executable, "-m", "hpml_ft.train", str(recipe),
-             *_args(tiny_model_dir, alpaca_file, out, 4, "train.resume=auto")],
-            capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "hpml_ft.train",
+                str(recipe),
+                *_args(tiny_model_dir, alpaca_file, out, 4, "train.resume=auto"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert first.poll() is None, "the first run ended before the second one started"
     finally:
