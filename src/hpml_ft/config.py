@@ -20,7 +20,8 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # nan/inf pass every gt/ge bound check (all comparisons with nan are False): refuse them everywhere
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -57,6 +58,10 @@ class DataConfig(_Section):
     max_eval_samples: int | None = Field(None, gt=0)
     system_prompt: str | None = None
     tatqa_multi_turn: bool = False  # all questions of one context in one conversation (table read once)
+    # TAT-QA assistant turns: the plain answer; or, for arithmetic/count, the derivation the executor computes
+    # (`(44.1 - 56.7) / 56.7 * 100 | percent`, `count: a | b`); `extract` adds the labelled values first
+    tatqa_target: Literal["answer", "derivation", "extract"] = "answer"
+    tatqa_table: Literal["pipe", "cells"] = "pipe"  # cells: one `row label, column: value` line per cell
     demo_size: int = Field(800, gt=10)
     seed: int = 0  # split/shuffle seed, separate from the training seed
 
@@ -97,6 +102,27 @@ class TrainConfig(_Section):
     merge: bool = True  # write a merged standalone model next to the adapter
     eval_generate: int = Field(64, ge=0)  # held-out samples answered before/after training (0 = skip)
     max_new_tokens: int = Field(64, gt=0)
+    cpu_threads: int | None = Field(None, gt=0)  # torch threads per process on CPU; None = cores / local processes
+    sample_every: int = Field(25, ge=0)  # every N steps answer a few fixed eval prompts -> samples.jsonl (0 = off)
+    sample_prompts: int = Field(3, gt=0)  # how many fixed eval prompts each sampling answers
+
+
+class DistillConfig(_Section):
+    # loss = (1 - weight) * cross-entropy + weight * T^2 * KL(teacher_T || student_T); 0 = no teacher loaded
+    weight: float = Field(0.0, ge=0.0, le=1.0)
+    temperature: float = Field(2.0, gt=0.0)
+
+
+class QuantConfig(_Section):
+    """Low-bit weights (hpml_ft.quant): bits=null is off; else QAT during training (qat) and the real low-bit
+    model written at save (merged/ holds it, merged-fp/ the full-precision weights)."""
+
+    bits: Literal[2, 3, 4, 8] | None = None
+    group_size: int = Field(32, gt=0)  # one scale (and zero point) per group of input weights
+    symmetric: bool = False  # asymmetric (with zero point) keeps more range at 2 bits (BitDistiller)
+    qat: bool = True  # fake-quantized linear weights in the forward pass, straight-through gradients
+    quantize_embeddings: bool = False  # also the input embeddings / LM head at save (they stay fp by default)
+    distill: DistillConfig = DistillConfig()
 
 
 class TrackingConfig(_Section):
@@ -113,6 +139,7 @@ class Config(_Section):
     peft: PeftConfig = PeftConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    quant: QuantConfig = QuantConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -145,6 +172,15 @@ class Config(_Section):
             raise ValueError(
                 "QLoRA (4-bit) with DeepSpeed ZeRO-3 is not supported here; use deepspeed/zero2.json or no DeepSpeed"
             )
+        if self.quant.bits is not None and (self.quantized_4bit or self.model.load_in_8bit):
+            raise ValueError(
+                "quant (QAT / low-bit save) needs full-precision base weights: it cannot train on a bitsandbytes "
+                "4/8-bit base; use peft.method=lora (or full) and unset model.load_in_*"
+            )
+        if self.quant.bits is not None and p.method not in ("full", "none") and not t.merge:
+            raise ValueError("quant writes the low-bit model from merged/; set train.merge=true")
+        if self.quant.bits is not None and self.quant.distill.weight > 0 and t.deepspeed:
+            raise ValueError("quant.distill with DeepSpeed is not supported; set quant.distill.weight=0")
         return self
 
     @property
@@ -163,12 +199,35 @@ class Config(_Section):
 # ---------------------------------------------------------------- loading
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise _DuplicateKeyError(f"key '{key}' appears twice (lines {seen[key]} and {line})")
+            if isinstance(key, str | int | float | bool):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         fail(f"recipe not found: {p} (pass a path like recipes/lora_alpaca.yaml)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as err:
+        fail(f"{p}: not UTF-8 text (byte {err.start}); a recipe is a YAML text file")
+    except _DuplicateKeyError as err:
+        fail(f"{p}: {err}; keep one of them")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

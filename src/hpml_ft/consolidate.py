@@ -7,6 +7,11 @@ second copy of the weights), the state dict is loaded into it, saved as safetens
 template and generation config into a temporary directory that is renamed to --out when complete, and then
 loaded back with transformers to check every tensor. Host RAM: ~(4 + 2 x dtype bytes) x params (8B in bf16:
 ~64 GB; --no-verify saves a third).
+
+Untrusted checkpoints: DeepSpeed's shard files are Python pickles, and unpickling a crafted one runs code. They
+are loaded with torch's `weights_only` unpickler, which accepts tensors, plain containers and the few DeepSpeed
+types listed in SAFE_DEEPSPEED_TYPES; a file that needs anything else is refused. --trust-checkpoint restores
+DeepSpeed's unrestricted loading, for checkpoints you wrote yourself or whose source you trust.
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
+import pickle
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpml_ft.errors import fail, run_cli
-from hpml_ft.outputs import atomic_dir
+from hpml_ft.errors import ArgumentParser, fail, run_cli
+from hpml_ft.outputs import atomic_dir, check_output_target
 
 if TYPE_CHECKING:
     import torch
@@ -52,14 +60,71 @@ def check_deepspeed() -> None:
         fail("consolidating a ZeRO checkpoint needs DeepSpeed: pip install deepspeed")
 
 
-def fp32_state_dict(ckpt: Path, tag: str) -> dict[str, Any]:
+# Non-tensor objects a DeepSpeed ZeRO-1/2/3 checkpoint pickles besides containers, numbers and strings
+# ("module:qualname"); each is a plain value or enum whose unpickling runs no code of the file's choosing.
+SAFE_DEEPSPEED_TYPES = (
+    "deepspeed.runtime.zero.config:ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler:LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment:fragment_address",
+)
+
+
+def _safe_types() -> list[Any]:
+    import importlib
+
+    found = []
+    for entry in SAFE_DEEPSPEED_TYPES:
+        module, name = entry.split(":")
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # not in this DeepSpeed version: nothing to allow
+            continue
+    return found
+
+
+@contextmanager
+def weights_only_loading(trust: bool) -> Iterator[None]:
+    """While active, every torch.load (DeepSpeed's included) uses the weights_only unpickler + our allow-list."""
+    import torch
+
+    if trust:
+        yield
+        return
+    original = torch.load
+
+    def safe_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(_safe_types()):
+            return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _refuse_unsafe(ckpt: Path, tag: str, err: Exception) -> None:
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    what = f"the Python object {found.group(1)}" if found else "Python objects beyond tensors"
+    fail(
+        f"{ckpt / tag} needs {what} to load, which could run code from the file; it is not a checkpoint type "
+        "consolidate knows as safe. If you trust where this checkpoint came from, rerun with --trust-checkpoint"
+    )
+
+
+def fp32_state_dict(ckpt: Path, tag: str, trust: bool = False) -> dict[str, Any]:
     """DeepSpeed's consolidation, lazily where the installed version can (tensors materialise one by one)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     lazy = "lazy_mode" in inspect.signature(get_fp32_state_dict_from_zero_checkpoint).parameters
     try:
         kwargs = {"lazy_mode": True} if lazy else {}
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag, **kwargs)
+        with weights_only_loading(trust):
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag, **kwargs)
+    except pickle.UnpicklingError as err:
+        _refuse_unsafe(ckpt, tag, err)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, AssertionError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         fail(f"could not read the ZeRO checkpoint in {ckpt / tag}: {first}")
@@ -131,7 +196,13 @@ def verify(out: Path, state: dict[str, torch.Tensor], dtype: torch.dtype) -> int
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hpml_ft.consolidate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(
+        prog="python -m hpml_ft.consolidate",
+        description=__doc__.splitlines()[0],
+        epilog="Safety: shard files are pickles, which can run code. They are loaded with torch's weights_only "
+        "unpickler (tensors and known DeepSpeed types); a checkpoint needing anything else is refused unless "
+        "you pass --trust-checkpoint.",
+    )
     p.add_argument(
         "checkpoint", help="a checkpoint-N directory holding global_stepN/ (DeepSpeed ZeRO shards)"
     )
@@ -148,12 +219,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-verify", action="store_true", help="skip loading the result back (saves RAM and time)"
     )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load the shard files with full pickle, which can run code stored in them: only for checkpoints "
+        "you trust (default: tensors and known-safe DeepSpeed types only; anything else is refused)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    ckpt, out = Path(args.checkpoint), Path(args.out)
+    ckpt, out = Path(args.checkpoint), check_output_target(args.out, "--out")
     tag = args.tag or find_tag(ckpt)
     if args.tag and not (ckpt / args.tag).is_dir():
         fail(f"--tag {args.tag}: no such folder in {ckpt}")
@@ -161,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         fail(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     check_deepspeed()
-    state = fp32_state_dict(ckpt, tag)
+    state = fp32_state_dict(ckpt, tag, args.trust_checkpoint)
     model, dtype = build_model(ckpt, state, args.dtype)
     tensors = {k: v for k, v in model.state_dict().items() if k in state}
     ranks = len(list((ckpt / tag).glob("*optim_states.pt")))

@@ -32,31 +32,73 @@ class Splits:
 
 def read_records(path: str, split: str = "train") -> list[Any]:
     """A .json list / .jsonl file, or a hub dataset id (needs the hub or its local cache)."""
+    return read_located(path, split)[0]
+
+
+def read_text_file(p: Path) -> str:
+    """A data file's text; binary or non-UTF-8 files are one clear error (file, line, byte)."""
+    raw = p.read_bytes()
+    if b"\x00" in raw[:8192]:
+        fail(f"{p}: binary data, not a JSON text file; pass a .json/.jsonl file")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        fail(f"{p}: not UTF-8 text (line {line}, byte {err.start}); re-save the file as UTF-8")
+
+
+def _read_file(p: Path) -> tuple[list[Any], list[str]]:
+    """Records and where each one is ('line 7' in JSONL, 'record 3' in a JSON list)."""
+    text = read_text_file(p)
+    if p.suffix == ".jsonl":
+        records, where = [], []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                fail(f"{p}: malformed JSON at line {n}, column {err.colno}: {err.msg}; fix the data file")
+            where.append(f"line {n}")
+        return records, where
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        fail(f"{p}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}; fix the data file")
+    records = (
+        data if isinstance(data, list) else data.get("data", [data]) if isinstance(data, dict) else [data]
+    )
+    if not isinstance(records, list):
+        fail(f"{p}: 'data' must be a list of records, not {type(records).__name__}")
+    return records, [f"record {i}" for i in range(len(records))]
+
+
+def read_located(path: str, split: str = "train") -> tuple[list[Any], list[str]]:
+    """`read_records` plus where each record is, for error messages."""
     p = Path(path)
     if p.is_file():
-        text = p.read_text()
-        try:
-            if p.suffix == ".jsonl":
-                return [json.loads(line) for line in text.splitlines() if line.strip()]
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            fail(
-                f"{p}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}; fix the data file"
-            )
-        return (
-            data if isinstance(data, list) else data.get("data", [data]) if isinstance(data, dict) else [data]
-        )
+        return _read_file(p)
     if p.suffix in (".json", ".jsonl") or path.startswith((".", "/", "~")) or path.count("/") != 1:
         fail(f"data file not found: {path} (pass an existing .json/.jsonl path, a hub dataset id, or 'demo')")
     try:
         from datasets import load_dataset
 
-        return list(load_dataset(path, split=split))
+        records = list(load_dataset(path, split=split))
     except Exception as err:  # noqa: BLE001 - datasets raises many types; the user needs one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         fail(
             f"could not load dataset '{path}' (split {split}): {first}; pass a local .json/.jsonl path instead"
         )
+    return records, [f"row {i}" for i in range(len(records))]
+
+
+def check_field(value: Any, types: type | tuple[type, ...], where: str, field: str, expected: str) -> Any:
+    """Refuse a field of the wrong type with one line naming the place, the field and the expected type."""
+    allowed = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        shown = "null" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
+        fail(f"{where}: '{field}' must be {expected}, got {shown}; fix the record")
+    return value
 
 
 def detect_format(records: list[Any], path: str) -> str:
@@ -75,28 +117,45 @@ def detect_format(records: list[Any], path: str) -> str:
     )
 
 
-def _alpaca_samples(records: list[dict], path: str, system: str | None) -> list[dict]:
+def _alpaca_samples(records: list[dict], where: list[str], system: str | None) -> list[dict]:
     samples = []
     for i, r in enumerate(records):
         if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
-            fail(f"{path}: record {i} lacks 'instruction'/'output' columns needed by the alpaca format")
-        user = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+            fail(f"{where[i]} lacks 'instruction'/'output' columns needed by the alpaca format")
+        instruction = check_field(r["instruction"], str, where[i], "instruction", "a string")
+        extra = check_field(r.get("input"), (str, type(None)), where[i], "input", "a string or null")
+        output = check_field(r["output"], (str, int, float), where[i], "output", "a string (or a number)")
+        user = instruction + (f"\n\n{extra}" if extra else "")
         msgs = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": user},
-            {"role": "assistant", "content": str(r["output"])},
+            {"role": "assistant", "content": str(output)},
         ]
         samples.append({"id": str(i), "group": str(i), "messages": msgs, "meta": {"question": user}})
     return samples
 
 
-def _chat_samples(records: list[dict], path: str, system: str | None) -> list[dict]:
+ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(r: Any, where: str) -> list[dict]:
+    msgs = r.get("messages") if isinstance(r, dict) else None
+    if not msgs or not isinstance(msgs, list):
+        fail(f"{where}: needs 'messages': a non-empty list of {{role, content}} dicts")
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or not {"role", "content"} <= m.keys():
+            fail(f"{where}: messages[{j}] must be a {{role, content}} dict, got {str(m)[:60]!r}")
+        if m["role"] not in ROLES:
+            fail(f"{where}: messages[{j}] has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
+        check_field(m["content"], str, where, f"messages[{j}].content", "a string")
+    return msgs
+
+
+def _chat_samples(records: list[dict], where: list[str], system: str | None) -> list[dict]:
     samples = []
     for i, r in enumerate(records):
-        msgs = r.get("messages") if isinstance(r, dict) else None
-        if not msgs or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs):
-            fail(f"{path}: record {i} needs 'messages': a list of {{role, content}} dicts")
+        msgs = _check_messages(r, where[i])
         if msgs[-1]["role"] != "assistant":
-            fail(f"{path}: record {i} must end with an assistant message (the answer to learn)")
+            fail(f"{where[i]}: must end with an assistant message (the answer to learn)")
         if system and msgs[0]["role"] != "system":
             msgs = [{"role": "system", "content": system}, *msgs]
         question = next((m["content"] for m in reversed(msgs[:-1]) if m["role"] == "user"), "")
@@ -113,17 +172,23 @@ def load_samples(
     system: str | None = None,
     demo_size: int = 800,
     seed: int = 0,
+    tatqa: tuple[str, str] = ("answer", "pipe"),
 ) -> tuple[list[dict], str]:
     """Read one source into samples; returns (samples, format)."""
     if path == "demo":
         records, fmt = generate_demo(demo_size, seed), "alpaca"
+        where = [f"demo record {i}" for i in range(len(records))]
     else:
-        records = read_records(path, split)
+        records, where = read_located(path, split)
+        where = [f"{path}: {w}" for w in where]
     if not records:
         fail(f"{path}: the dataset is empty; point data.path at a file with records")
     fmt = detect_format(records, path) if fmt == "auto" else fmt
     builders = {"alpaca": _alpaca_samples, "chat": _chat_samples}
-    samples = tatqa_samples(records, path, system) if fmt == "tatqa" else builders[fmt](records, path, system)
+    if fmt == "tatqa":
+        samples = tatqa_samples(records, path, system, where, target=tatqa[0], table=tatqa[1])
+    else:
+        samples = builders[fmt](records, where, system)
     if not samples:
         fail(f"{path}: no usable samples (a TAT-QA file with no questions?)")
     return samples, fmt
@@ -141,11 +206,14 @@ def split_by_group(samples: list[dict], fraction: float, seed: int) -> tuple[lis
 
 
 def load_splits(cfg: DataConfig) -> Splits:
-    samples, fmt = load_samples(cfg.path, cfg.format, cfg.split, cfg.system_prompt, cfg.demo_size, cfg.seed)
+    tatqa = (cfg.tatqa_target, cfg.tatqa_table)
+    samples, fmt = load_samples(
+        cfg.path, cfg.format, cfg.split, cfg.system_prompt, cfg.demo_size, cfg.seed, tatqa
+    )
     if cfg.eval_path or cfg.eval_split:
         train = samples
         evals, _ = load_samples(
-            cfg.eval_path or cfg.path, fmt, cfg.eval_split or cfg.split, cfg.system_prompt
+            cfg.eval_path or cfg.path, fmt, cfg.eval_split or cfg.split, cfg.system_prompt, tatqa=tatqa
         )
     else:
         train, evals = split_by_group(samples, cfg.eval_fraction, cfg.seed)

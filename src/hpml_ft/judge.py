@@ -5,6 +5,10 @@ asks for feedback ending in `[RESULT] N`. Scores are parsed robustly; unparsed r
 
 `python -m hpml_ft.judge --predictions FILE.jsonl (--judge PATH | --judge-url URL)` re-judges a predictions
 file written by `python -m hpml_ft.eval`; the eval CLI takes the same --judge* options to judge as it goes.
+
+An endpoint's API key comes from --judge-api-key or HPML_FT_JUDGE_API_KEY only (never OPENAI_API_KEY, which is
+meant for another server), is sent to the --judge-url host only (redirects are not followed) and never over
+plain http to a host other than this machine unless --allow-insecure-key is given.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpml_ft.errors import fail, run_cli
+from hpml_ft.errors import ArgumentParser, fail, positive_float, run_cli
 
 JUDGE_TASK = """You are grading one answer written by an AI assistant.
 
@@ -121,22 +125,47 @@ class JudgeSpec:
     max_new_tokens: int = 256
     batch_size: int = 4
     rubric: str = DEFAULT_RUBRIC
+    api_key: str | None = field(default=None, repr=False)  # sent as a Bearer token to `url` only
 
     @property
     def name(self) -> str:
         return f"{self.url} ({self.model})" if self.url else str(self.path)
 
 
+KEY_ENV = "HPML_FT_JUDGE_API_KEY"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PROBE_TIMEOUT = (
+    10.0  # seconds for the GET /models pre-check: a server that accepts but never answers fails fast
+)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the Authorization header to another host: report it as an HTTP error instead."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def _open(req: urllib.request.Request, timeout: float) -> Any:
-    """urlopen, but straight to loopback hosts even when an http proxy is configured."""
+    """urlopen without redirects, and straight to loopback hosts even when an http proxy is configured."""
     host = urllib.parse.urlsplit(req.full_url).hostname or ""
-    handlers = [urllib.request.ProxyHandler({})] if host in ("127.0.0.1", "localhost", "::1") else []
+    handlers: list[Any] = [_NoRedirect()]
+    handlers += [urllib.request.ProxyHandler({})] if host in LOOPBACK else []
     return urllib.request.build_opener(*handlers).open(req, timeout=timeout)
 
 
-def _request(url: str, payload: dict | None, timeout: float) -> dict:
+def check_key_transport(url: str, key: str | None, allow_insecure: bool) -> None:
+    """A key goes over https, or over http to this machine; plain http elsewhere needs --allow-insecure-key."""
+    parts = urllib.parse.urlsplit(url)
+    if key and parts.scheme == "http" and (parts.hostname or "") not in LOOPBACK and not allow_insecure:
+        fail(
+            f"refusing to send the judge API key over plain http to {parts.hostname} (anyone on the way can "
+            "read it); use an https:// --judge-url, or pass --allow-insecure-key if this network is trusted"
+        )
+
+
+def _request(url: str, payload: dict | None, timeout: float, key: str | None = None) -> dict:
     headers = {"Content-Type": "application/json"}
-    key = os.environ.get("HPML_FT_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
     if key:
         headers["Authorization"] = f"Bearer {key}"
     data = json.dumps(payload).encode() if payload is not None else None
@@ -151,13 +180,21 @@ def _why(err: Exception) -> str:
     return str(getattr(err, "reason", None) or err) or type(err).__name__
 
 
-def check_endpoint(url: str, model: str | None, timeout: float) -> str:
-    """Probe GET {url}/models before any generation; return the model name to use (default: first listed)."""
-    if not url.startswith(("http://", "https://")):
+def check_endpoint(url: str, model: str | None, timeout: float, key: str | None = None) -> str:
+    """Probe GET {url}/models before any generation; return the model name to use (default: first listed).
+    The probe waits at most PROBE_TIMEOUT seconds, not the per-request --judge-timeout."""
+    if not url.startswith(("http://", "https://")) or not urllib.parse.urlsplit(url).hostname:
         fail(f"--judge-url must be an http(s) URL like http://127.0.0.1:8000/v1, not '{url}'")
+    probe = min(timeout, PROBE_TIMEOUT)
     try:
-        listed = [m.get("id") for m in _request(url.rstrip("/") + "/models", None, timeout).get("data", [])]
+        reply = _request(url.rstrip("/") + "/models", None, probe, key)
+        listed = [m.get("id") for m in reply.get("data", [])]
     except (urllib.error.URLError, OSError, ValueError, AttributeError, TypeError) as err:
+        if isinstance(err, TimeoutError) or isinstance(getattr(err, "reason", None), TimeoutError):
+            fail(
+                f"judge endpoint {url} did not answer GET /models within {probe:g} s; check that it is an "
+                "OpenAI-compatible server that has finished loading, or fix --judge-url"
+            )
         fail(f"judge endpoint {url} is not reachable ({_why(err)}); start the server or fix --judge-url")
     if model:
         return model
@@ -173,7 +210,7 @@ def chat_completion(spec: JudgeSpec, prompt: str) -> str:
         "max_tokens": spec.max_new_tokens,
         "temperature": 0.0,
     }
-    out = _request(spec.url.rstrip("/") + "/chat/completions", payload, spec.timeout)
+    out = _request(spec.url.rstrip("/") + "/chat/completions", payload, spec.timeout, spec.api_key)
     return out["choices"][0]["message"]["content"] or ""
 
 
@@ -224,9 +261,21 @@ def add_judge_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge", metavar="PATH", help="local judge: model dir, run dir, 'embedded' or hub id")
     g.add_argument("--judge-url", metavar="URL", help="OpenAI-compatible endpoint: http://127.0.0.1:8000/v1")
     g.add_argument("--judge-model", metavar="NAME", help="model name for --judge-url (default: first listed)")
-    g.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    g.add_argument(
+        "--judge-timeout", type=positive_float, default=120.0, help="seconds per request (default 120)"
+    )
     g.add_argument("--judge-max-new-tokens", type=int, default=256, help="judge reply length (default 256)")
     g.add_argument("--judge-rubric", metavar="FILE", help="your own rubric: criterion + 'Score 1..5' lines")
+    g.add_argument(
+        "--judge-api-key",
+        metavar="KEY",
+        help=f"API key for --judge-url, sent to that host only (default: ${KEY_ENV}; OPENAI_API_KEY is not used)",
+    )
+    g.add_argument(
+        "--allow-insecure-key",
+        action="store_true",
+        help="allow sending the API key over plain http to a host other than this machine",
+    )
 
 
 def judge_spec_from_args(args: argparse.Namespace, batch_size: int = 4) -> JudgeSpec | None:
@@ -234,8 +283,8 @@ def judge_spec_from_args(args: argparse.Namespace, batch_size: int = 4) -> Judge
     if args.judge and args.judge_url:
         fail("pass either --judge PATH (local model) or --judge-url URL (endpoint), not both")
     if not (args.judge or args.judge_url):
-        if args.judge_model or args.judge_rubric:
-            fail("--judge-model/--judge-rubric need --judge PATH or --judge-url URL")
+        if args.judge_model or args.judge_rubric or args.judge_api_key:
+            fail("--judge-model/--judge-rubric/--judge-api-key need --judge PATH or --judge-url URL")
         return None
     if args.judge_timeout <= 0 or args.judge_max_new_tokens <= 0:
         fail("--judge-timeout and --judge-max-new-tokens must be positive")
@@ -251,18 +300,19 @@ def judge_spec_from_args(args: argparse.Namespace, batch_size: int = 4) -> Judge
         "batch_size": batch_size,
     }
     if args.judge_url:
-        return JudgeSpec(
-            url=args.judge_url,
-            model=check_endpoint(args.judge_url, args.judge_model, args.judge_timeout),
-            **common,
-        )
+        key = args.judge_api_key or os.environ.get(KEY_ENV) or None
+        check_key_transport(args.judge_url, key, args.allow_insecure_key)
+        model = check_endpoint(args.judge_url, args.judge_model, args.judge_timeout, key)
+        return JudgeSpec(url=args.judge_url, model=model, api_key=key, **common)
+    if args.judge_api_key:
+        fail("--judge-api-key is for --judge-url endpoints; a local --judge model needs no key")
     from hpml_ft.evaluate import resolve_model
 
     return JudgeSpec(path=resolve_model(args.judge), **common)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hpml_ft.judge", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m hpml_ft.judge", description=__doc__.splitlines()[0])
     p.add_argument("--predictions", required=True, help="predictions JSONL of hpml_ft.eval (prompt, pred)")
     p.add_argument("--out", help="judged JSONL to write (default: <predictions>.judged.jsonl)")
     p.add_argument("--batch-size", type=int, default=4, help="local judge batch size (default 4)")

@@ -6,13 +6,12 @@ against: merging into dequantized-then-requantized weights is how peers' users g
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpml_ft.errors import fail, run_cli
-from hpml_ft.outputs import atomic_dir, require_complete_model
+from hpml_ft.errors import ArgumentParser, fail, run_cli
+from hpml_ft.outputs import atomic_dir, check_output_target, require_complete_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -94,14 +93,14 @@ def check_not_overlapping(out: Path, inputs: list[Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hpml_ft.merge", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m hpml_ft.merge", description=__doc__.splitlines()[0])
     p.add_argument("--adapter", required=True, help="adapter directory (outputs/<run>/adapter)")
     p.add_argument("--out", required=True, help="where to write the merged model")
     p.add_argument("--base", default=None, help="base model (default: the adapter's recorded base)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    out = check_output_target(args.out, "--out")
     check_not_overlapping(out, [Path(args.adapter)] + ([Path(args.base)] if args.base else []))
     if (out / "run.json").exists():
         fail(f"{out} is a training run directory, not a model directory; pass e.g. --out {out / 'merged2'}")

@@ -79,12 +79,46 @@ def resolve_model_path(name_or_path: str) -> str:
     if p.exists():
         if not (p / "config.json").is_file():
             fail(f"{p} has no config.json; point model.name_or_path at a saved HF model directory")
+        check_weight_files(p)
         return str(p)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         fail(
             f"model path not found: {name_or_path} (use 'embedded', a local model directory, or a hub id org/name)"
         )
     return name_or_path
+
+
+def check_weight_files(path: str | Path) -> None:
+    """Cheap integrity check of a local model/adapter dir, before any load: every safetensors header must
+    parse and cover its file, a sharded index must name shards that exist, a .bin must be a whole zip.
+    A truncated download or copy then fails in one line instead of a traceback deep in the loader."""
+    import json
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    fix = "re-download the model or rerun the step that wrote it"
+    for index in p.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            fail(f"{index}: not a valid weight index (no weight_map); {fix}")
+        missing = sorted(str(s) for s in shards if not (p / str(s)).is_file())
+        if missing:
+            fail(f"{p / missing[0]}: weight shard named in {index.name} is missing; {fix}")
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            why = str(err).strip().splitlines()[0].removeprefix("Error while deserializing header: ")
+            fail(f"{f}: corrupt or truncated weight file ({why}); {fix}")
+    for f in sorted(p.glob("*.bin")):
+        with f.open("rb") as fh:
+            legacy = fh.read(1) == b"\x80"  # pre-1.6 torch pickle format, not a zip
+        if not legacy and not zipfile.is_zipfile(f):
+            fail(f"{f}: corrupt or truncated weight file (not a complete torch archive); {fix}")
 
 
 def check_hub_model_available(name: str) -> None:
@@ -163,11 +197,23 @@ def bnb_config(cfg: Config) -> BitsAndBytesConfig | None:
     )
 
 
+def refuse_remote_code(path: str, err: ValueError) -> None:
+    """transformers refuses a model whose own code was not trusted: say which flag allows it (or re-raise)."""
+    if "trust_remote_code" not in str(err):
+        raise err
+    fail(
+        f"{path} ships its own Python code (auto_map in its config), which is not run by default; if you "
+        "trust this model, pass --trust-remote-code on the command line (a run's record never enables it)"
+    )
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        refuse_remote_code(path, err)
     except OSError as err:  # hub id not cached and no network, gated repo, ...
         first = str(err).strip().splitlines()[0][:160]
         fail(
@@ -211,12 +257,16 @@ def load_causal_lm(path: str, mcfg: ModelConfig | None = None) -> PreTrainedMode
 
     mcfg = mcfg or ModelConfig()
     dtype = torch_dtype(mcfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype,
-        attn_implementation=attn_implementation(mcfg, dtype),
-        trust_remote_code=mcfg.trust_remote_code,
-    )
+    check_weight_files(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=attn_implementation(mcfg, dtype),
+            trust_remote_code=mcfg.trust_remote_code,
+        )
+    except ValueError as err:
+        refuse_remote_code(path, err)
     return model.to("cuda") if torch.cuda.is_available() else model
 
 

@@ -28,7 +28,6 @@ Checked against measured peaks on the CPU (scripts/gpu_check.py --cpu-measure); 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass, replace
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpml_ft.config import Config, load_config
-from hpml_ft.errors import fail, run_cli
+from hpml_ft.errors import ArgumentParser, fail, finite_float, run_cli
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -102,7 +101,11 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> tup
     from transformers import AutoConfig
 
     if Path(name_or_path).is_dir():
-        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code), name_or_path
+        try:
+            return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code), name_or_path
+        except (OSError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            fail(f"{name_or_path}/config.json cannot be read ({first}); fix or re-download the model")
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(name_or_path, "config.json")
@@ -270,18 +273,21 @@ def deepspeed_settings(path: str | None) -> dict[str, Any]:
     if not p.is_file():
         fail(f"DeepSpeed config not found: {p} (use one of deepspeed/*.json)")
     try:
-        zero = json.loads(p.read_text()).get("zero_optimization", {})
+        data = json.loads(p.read_text(encoding="utf-8"))
+        zero = data.get("zero_optimization", {})
+        offload = any(
+            zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param")
+        )
+        return {
+            "zero": int(zero.get("stage", 0)),
+            "offload": offload,
+            "sub_group": int(zero.get("sub_group_size", 10**9)),
+            "max_live": int(zero.get("stage3_max_live_parameters", 10**9)),
+        }
     except json.JSONDecodeError as err:
         fail(f"{p}: invalid JSON at line {err.lineno}: {err.msg}; fix the DeepSpeed config")
-    offload = any(
-        zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param")
-    )
-    return {
-        "zero": int(zero.get("stage", 0)),
-        "offload": offload,
-        "sub_group": int(zero.get("sub_group_size", 10**9)),
-        "max_live": int(zero.get("stage3_max_live_parameters", 10**9)),
-    }
+    except (AttributeError, TypeError, ValueError, UnicodeDecodeError):
+        fail(f"{p}: zero_optimization has wrong types (stage, sizes: integers; offload_*: mappings); fix it")
 
 
 def setup_for(
@@ -390,21 +396,38 @@ def accelerate_processes(cfg: Config) -> int:
     """num_processes of the recipe's accelerate config (the GPU count it is meant for), else 1."""
     import yaml
 
-    p = Path(cfg.accelerate_config) if cfg.accelerate_config else None
-    if p is None or not p.is_file():
+    if not cfg.accelerate_config:
         return 1
-    return int((yaml.safe_load(p.read_text()) or {}).get("num_processes", 1))
+    p = Path(cfg.accelerate_config)
+    if not p.is_file():
+        fail(f"accelerate_config {p} not found; fix the recipe's accelerate_config or pass --gpus N")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        fail(f"{p}: not a valid accelerate config (YAML error{where}); fix it or pass --gpus N")
+    if not isinstance(data, dict):
+        fail(
+            f"{p}: an accelerate config is a YAML mapping, not {type(data).__name__}; fix it or pass --gpus N"
+        )
+    n = data.get("num_processes", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        fail(f"{p}: num_processes must be a positive integer, got {n!r}; fix it or pass --gpus N")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hpml_ft.plan", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m hpml_ft.plan", description=__doc__.splitlines()[0])
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/fft_llama3_8b_tatqa.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.per_device_batch_size=2")
     p.add_argument(
         "--gpus", type=int, help="data-parallel GPUs (default: the recipe's accelerate_config; --cpu: 1)"
     )
     p.add_argument(
-        "--gpu-mem-gib", type=float, help="memory per GPU in GiB (default 80; --cpu: this machine's RAM)"
+        "--gpu-mem-gib",
+        type=finite_float,
+        help="memory per GPU in GiB (default 80; --cpu: this machine's RAM)",
     )
     p.add_argument(
         "--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage, 0 = no DeepSpeed (default: recipe's)"

@@ -62,7 +62,15 @@ def quick_eval(
         cfg.train.max_new_tokens,
         batch_size=cfg.train.per_device_batch_size * 2,
     )
-    scores = score_answers(samples, preds, fmt)
+    scores = score_answers(samples, preds, fmt)  # TAT-QA: derivations computed by tatqa_exec first
+    if fmt == "tatqa":
+        from hpml_ft.tatqa_exec import execute
+
+        runs = [execute(p) for p in preds]
+        scores["executor"] = {
+            "executed": sum(r.executed for r in runs),
+            "parse_failures": sum(r.failed for r in runs),
+        }
     return {
         **scores,
         "n": len(samples),
@@ -148,11 +156,13 @@ def run_training(
     accum: int,
     resume: str | None,
     run_dir: Path | None = None,
+    profile: bool = False,
 ) -> int:
     """Train in `run_dir` (default: cfg.run_dir; an overwrite trains in a staging dir, see train.py)."""
     from transformers import set_seed
 
     from hpml_ft.model import build_model, count_parameters, wrap_peft
+    from hpml_ft.quant.qat import attach_distillation, convert_run, prepare_qat, strip_fake_quant
     from hpml_ft.report import model_card
     from hpml_ft.train import sft_config
 
@@ -163,10 +173,19 @@ def run_training(
     # Training arguments first: with ZeRO-3 they register the DeepSpeed config, so the model below is
     # partitioned while it loads instead of materialising in full on every rank.
     args = sft_config(cfg, accum, run_dir)
-    model = wrap_peft(build_model(cfg, base_path), cfg, cfg.train.gradient_checkpointing)
+    model, teacher = prepare_qat(build_model(cfg, base_path), cfg)  # no-op without quant.bits/qat
+    model = wrap_peft(model, cfg, cfg.train.gradient_checkpointing)
     trainable, total = count_parameters(model)
     print(f"[hpml_ft] {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters")
+    from hpml_ft.callbacks import ProfileCallback, add_callbacks, setup_tracking
+
+    setup_tracking(cfg, args, run_dir)  # tracker files in the run dir; wandb offline, never a prompt
     trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, accum, args)
+    single_gen = world_size() == 1 and not cfg.train.deepspeed  # sampling = generation on one process
+    add_callbacks(trainer, cfg, tok, splits.eval if single_gen else [], run_dir)
+    if profile:
+        trainer.add_callback(ProfileCallback(run_dir))
+    attach_distillation(trainer, teacher, cfg)  # quant.distill: CE + KL to the full-precision teacher
     single = world_size() == 1 and not cfg.train.deepspeed  # quick generation eval only on one process
     metrics: dict[str, Any] = {"trainable_params": trainable, "total_params": total}
     # Under DeepSpeed, evaluate() before train() leaves an eval-only engine that breaks backward: skip it there.
@@ -214,8 +233,17 @@ def run_training(
         **(quick_eval(trainer.model, tok, splits.eval, cfg, splits.format) if single else {}),
     }
     metrics.update(peak_memory())
+    if trainer.accelerator.is_main_process:
+        from hpml_ft.callbacks import tracking_notes, write_loss_plot
+
+        write_loss_plot(trainer.state.log_history, run_dir / "loss.png")  # now with the final eval loss
+        for note in tracking_notes(cfg, run_dir):
+            print(f"[hpml_ft] {note}")
     record = {"recipe": cfg.model_dump(mode="json"), "base_model": cfg.model.name_or_path, "metrics": metrics}
+    strip_fake_quant(trainer.model)  # quant: save the trained full-precision weights ...
     artifacts = save_artifacts(trainer, cfg, tok, base_path, record)
+    if trainer.accelerator.is_main_process:  # ... then write merged/ as the real low-bit model
+        artifacts.update(convert_run(run_dir, cfg, record))
     if trainer.accelerator.is_main_process:
         write_json_atomic(run_dir / "metrics.json", metrics)
         write_text_atomic(run_dir / "README.md", model_card(cfg, metrics, artifacts))

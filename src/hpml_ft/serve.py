@@ -8,6 +8,7 @@ The server loads the model before it listens, so `GET /health` answering means i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -16,21 +17,26 @@ import socket
 import sys
 from pathlib import Path
 
-from hpml_ft.errors import fail, run_cli
+from hpml_ft.errors import ArgumentParser, fail, run_cli
 from hpml_ft.outputs import latest_finished_run
 
 SERVING_MODULES = ("fastapi", "uvicorn", "openai")  # what is_serve_available() of transformers checks
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hpml_ft.serve", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m hpml_ft.serve", description=__doc__.splitlines()[0])
     p.add_argument(
         "model",
         nargs="?",
         help="run dir (serves its merged/), model dir or 'embedded' "
         "(default: the latest finished run under outputs/)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 exposes it to the network)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="listen address (default: this machine only); 0.0.0.0 exposes the model, without "
+        "authentication, to everyone who can reach this machine",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -84,16 +90,49 @@ def check_port(host: str, port: int) -> None:
             fail(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or stop what uses it")
 
 
+WILDCARD = ("0.0.0.0", "::", "")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def local_addresses() -> list[str]:
+    """This machine's non-loopback IPv4 addresses (the outgoing route's first), best effort and offline."""
+    found: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # UDP connect sends nothing; it only picks the outgoing interface
+            found.append(s.getsockname()[0])
+        except OSError:
+            pass
+    with contextlib.suppress(OSError):  # a host name that does not resolve: the route's address is enough
+        found += socket.gethostbyname_ex(socket.gethostname())[2]
+    return list(dict.fromkeys(a for a in found if not a.startswith("127.") and a != "0.0.0.0"))
+
+
+def exposure_warning(host: str, port: int) -> tuple[str | None, list[str]]:
+    """(warning or None, the host names to show in URLs): a non-loopback bind is reachable from the network."""
+    if host in LOOPBACK or host.startswith("127."):
+        return None, [host]
+    shown = (local_addresses() if host in WILDCARD else [host]) or []
+    where = "on every network interface" if host in WILDCARD else f"on {host}"
+    warning = (
+        f"warning: --host {host or repr(host)} listens {where}: anyone who can reach this machine on port "
+        f"{port} can use the model (no authentication, no TLS). Use --host 127.0.0.1 to keep it local."
+    )
+    return warning, shown + (["127.0.0.1"] if host in WILDCARD else [])
+
+
 def usage(model: Path, host: str, port: int) -> str:
     """Base URL plus ready-to-paste curl and openai-client examples."""
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    base = f"http://{shown}:{port}"
+    _, hosts = exposure_warning(host, port)
+    urls = [f"http://{f'[{h}]' if ':' in h else h}:{port}" for h in hosts]
+    base = urls[0]
     hello = [{"role": "user", "content": "Hello! Who are you?"}]
     body = {"model": str(model), "messages": hello, "max_tokens": 64}
     return "\n".join(
         [
             f"[hpml_ft] serving {model} with `transformers serve` (OpenAI-compatible API)",
             f"  base URL: {base}/v1   (ready when {base}/health answers; Ctrl-C stops it)",
+            *([f"  also at:  {', '.join(u + '/v1' for u in urls[1:])}"] if urls[1:] else []),
             f"  model:    {model}   (the only model this server answers for; the field may be omitted)",
             "",
             "  curl example:",
@@ -115,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     model = model_dir(a.model)
     check_serving_deps()
     check_port(a.host, a.port)
+    warning = exposure_warning(a.host, a.port)[0]
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(usage(model, a.host, a.port), flush=True)
     if a.dry_run:
         return 0

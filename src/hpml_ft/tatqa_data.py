@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from hpml_ft.errors import fail
@@ -28,10 +29,14 @@ def render_table(rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def render_context(ctx: dict) -> str:
+def render_context(ctx: dict, table: str = "pipe") -> str:
+    """Table (`pipe`, or `cells`: one labelled line per cell, see tatqa_target) and paragraphs."""
+    from hpml_ft.tatqa_target import render_cells
+
     paras = sorted(ctx.get("paragraphs", []), key=lambda p: p.get("order", 0))
     text = "\n".join(p["text"] for p in paras)
-    return f"Table:\n{render_table(ctx['table']['table'])}\n\nParagraphs:\n{text}"
+    rows = ctx["table"]["table"]
+    return f"Table:\n{render_cells(rows) if table == 'cells' else render_table(rows)}\n\nParagraphs:\n{text}"
 
 
 def _fmt_number(x: float | int) -> str:
@@ -55,30 +60,84 @@ def render_answer(answer: Any, scale: str) -> str:
     return text
 
 
-def _check_context(ctx: Any, i: int, path: str) -> None:
+def _bad(where: str, field: str, expected: str, value: Any) -> None:
+    shown = "null" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
+    fail(f"{where}: '{field}' must be {expected}, got {shown}; fix the record")
+
+
+def _check_question(q: Any, where: str) -> None:
+    if not isinstance(q, dict):
+        _bad(where, "question", "a dict", q)
+    missing = {"uid", "question", "answer", "answer_type", "scale"} - set(q)
+    if missing:
+        fail(f"{where}: question lacks {sorted(missing)}; is this a TAT-QA file with answers?")
+    for field in ("uid", "question", "answer_type", "scale"):
+        if not isinstance(q[field], str):
+            _bad(where, field, "a string", q[field])
+    a = q["answer"]
+    if isinstance(a, bool) or not isinstance(a, str | int | float | list):
+        _bad(where, "answer", "a string, a number or a list of strings", a)
+    if isinstance(a, list) and not all(isinstance(x, str | int | float) for x in a):
+        _bad(where, "answer", "a list of strings", a)
+
+
+def _check_context(ctx: Any, where: str) -> None:
+    """Types of every field the renderer and the scorer read, checked once with a clear message."""
     if not isinstance(ctx, dict) or not {"table", "paragraphs", "questions"} <= ctx.keys():
         fail(
-            f"{path}: item {i} is not a TAT-QA context (needs table, paragraphs, questions); check --format/data.format"
+            f"{where} is not a TAT-QA context (needs table, paragraphs, questions); check --format/data.format"
         )
-    if not isinstance(ctx["table"], dict) or "table" not in ctx["table"]:
-        fail(f"{path}: item {i} has a malformed table (expected {{'uid', 'table': [[cells]]}})")
-    for q in ctx["questions"]:
-        missing = {"uid", "question", "answer", "answer_type", "scale"} - set(q)
-        if missing:
-            fail(f"{path}: item {i} question lacks {sorted(missing)}; is this a TAT-QA file with answers?")
+    table = ctx["table"]
+    if not isinstance(table, dict) or "table" not in table:
+        fail(f"{where} has a malformed table (expected {{'uid', 'table': [[cells]]}})")
+    if not isinstance(table.get("uid", ""), str):
+        _bad(where, "table.uid", "a string", table["uid"])
+    if not isinstance(table["table"], list) or not all(isinstance(r, list) for r in table["table"]):
+        _bad(where, "table.table", "a list of rows (lists of cells)", table["table"])
+    if not isinstance(ctx["paragraphs"], list):
+        _bad(where, "paragraphs", "a list of {uid, order, text} dicts", ctx["paragraphs"])
+    for j, para in enumerate(ctx["paragraphs"]):
+        if not isinstance(para, dict) or not isinstance(para.get("text"), str):
+            _bad(where, f"paragraphs[{j}]", "a dict with a string 'text'", para)
+        if not isinstance(para.get("order", 0), int):
+            _bad(where, f"paragraphs[{j}].order", "an integer", para["order"])
+    if not isinstance(ctx["questions"], list):
+        _bad(where, "questions", "a list of question dicts", ctx["questions"])
+    for j, q in enumerate(ctx["questions"]):
+        _check_question(q, f"{where}, questions[{j}]")
+        if not isinstance(q.get("order", 0), int):
+            _bad(f"{where}, questions[{j}]", "order", "an integer", q["order"])
 
 
-def tatqa_samples(contexts: list[dict], path: str, system_prompt: str | None = None) -> list[dict]:
-    """One sample per question; `group` is the context uid so splits can keep contexts whole."""
-    samples = []
+def tatqa_samples(
+    contexts: list[dict],
+    path: str,
+    system_prompt: str | None = None,
+    where: list[str] | None = None,
+    target: str = "answer",
+    table: str = "pipe",
+) -> list[dict]:
+    """One sample per question; `group` is the context uid so splits can keep contexts whole.
+
+    `where` names each context for error messages (e.g. 'data.json: record 3'); default: item numbers."""
+    where = where or [f"{path}: item {i}" for i in range(len(contexts))]
     for i, ctx in enumerate(contexts):
-        _check_context(ctx, i, path)
-        context_text = render_context(ctx)
+        _check_context(ctx, where[i])
+    from hpml_ft.tatqa_target import DERIVATION_SYSTEM, derivation_target
+
+    system = system_prompt or (TATQA_SYSTEM if target == "answer" else DERIVATION_SYSTEM)
+    samples, fell_back, computed = [], 0, 0
+    for i, ctx in enumerate(contexts):
+        context_text = render_context(ctx, table)
         for q in sorted(ctx["questions"], key=lambda q: q.get("order", 0)):
+            answer = None
+            if target != "answer" and q["answer_type"] in ("arithmetic", "count"):
+                answer = derivation_target(q, ctx["table"]["table"], extract=target == "extract")
+                computed, fell_back = computed + 1, fell_back + (answer is None)
             messages = [
-                {"role": "system", "content": system_prompt or TATQA_SYSTEM},
+                {"role": "system", "content": system},
                 {"role": "user", "content": f"{context_text}\n\nQuestion: {q['question']}"},
-                {"role": "assistant", "content": render_answer(q["answer"], q["scale"])},
+                {"role": "assistant", "content": answer or render_answer(q["answer"], q["scale"])},
             ]
             gold = {
                 k: q.get(k) for k in ("uid", "answer", "answer_type", "answer_from", "scale", "derivation")
@@ -96,6 +155,13 @@ def tatqa_samples(contexts: list[dict], path: str, system_prompt: str | None = N
                     },
                 }
             )
+    if computed:
+        print(
+            f"[hpml_ft] {path}: {target} targets for {computed - fell_back} of {computed} arithmetic/count "
+            f"questions; {fell_back} fell back to the plain answer (no derivation, or it does not reproduce "
+            "the gold answer)",
+            file=sys.stderr,
+        )
     return samples
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpml_ft.config import Config, grad_accum_steps, load_config
-from hpml_ft.errors import fail, run_cli
+from hpml_ft.errors import ArgumentParser, fail, run_cli
 
 if TYPE_CHECKING:
     from trl import SFTConfig
@@ -26,11 +26,16 @@ OPTIMIZERS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hpml_ft.train", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m hpml_ft.train", description=__doc__.splitlines()[0])
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/lora_alpaca.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-4 peft.r=8")
     p.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and derived numbers; no training"
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler over a few steps: profile/trace.json (Perfetto) + profile/top_ops.txt in the run dir",
     )
     return p.parse_args(argv)
 
@@ -193,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.recipe, args.overrides)
     accum = grad_accum_steps(cfg)
     check_environment(cfg)
+    from hpml_ft.outputs import check_output_target
+
+    check_output_target(cfg.train.output_dir, "train.output_dir")  # a file or read-only dir: fail now
     from hpml_ft.data import build_train_eval, load_splits
     from hpml_ft.model import load_tokenizer, resolve_model_path
 
@@ -207,10 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from hpml_ft.outputs import promote_run, release_run_locks
     from hpml_ft.runner import run_training
+    from hpml_ft.threads import apply_cpu_threads
+
+    apply_cpu_threads(cfg.train.cpu_threads)  # every core this process owns, also under accelerate launch
 
     try:
         run_dir, resume = prepare_run_dir(cfg)
-        code = run_training(cfg, model_path, tok, splits, train_ds, eval_ds, accum, resume, run_dir)
+        code = run_training(
+            cfg, model_path, tok, splits, train_ds, eval_ds, accum, resume, run_dir, profile=args.profile
+        )
         if code == 0 and run_dir != cfg.run_dir and int(os.environ.get("RANK", "0")) == 0:
             promote_run(run_dir, cfg.run_dir)  # the new run is complete: only now does it replace the old one
             print(f"[hpml_ft] replaced {cfg.run_dir} with the new run")

@@ -1,0 +1,196 @@
+"""`python -m hpml_ft.bench lowbit --model RUN_OR_MODEL --bits 2 [--qat RUN] [--data FILE | --safety FILE]`.
+
+One table on one eval set: full precision, PTQ int4 / int3 / int<bits> (torchao weight-only, made here from
+--model), QAT int<bits> (the merged/ low-bit model of --qat RUN) and QAT + prompt lookup decoding. Columns:
+accuracy (exact match; safety: accuracy), ms/token and tokens/s (greedy, batch 1), size on disk, packed weight
+size, peak memory; each model runs in a fresh process so its peak memory is its own. Writes results.json,
+results.md and lowbit.png; recovery = (QAT - PTQ) / (full - PTQ) at --bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from hpml_ft.errors import fail, run_cli
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m hpml_ft.bench lowbit",
+        description=__doc__.splitlines()[0],
+        epilog="\n".join(__doc__.splitlines()[2:]),
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    p.add_argument(
+        "--model", default="embedded", help="the full-precision model: run dir, model dir, embedded"
+    )
+    p.add_argument("--bits", type=int, default=2, help="bits of the PTQ/QAT rows compared (default 2)")
+    p.add_argument("--qat", help="a finished QAT run (recipe with quant:); its merged/ is the QAT row")
+    p.add_argument("--group-size", type=int, default=32)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--data", help="a .json/.jsonl eval file (alpaca, chat, TAT-QA); default: demo eval split"
+    )
+    src.add_argument("--safety", help="a ToxicChat-format file: safe/unsafe accuracy instead of exact match")
+    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "chat", "tatqa"])
+    p.add_argument("--limit", type=int, default=64, help="eval samples (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompt-lookup", type=int, default=10, help="prompt lookup n-gram tokens (default 10)")
+    p.add_argument("--out", help="result folder (default outputs/bench/lowbit-<date-time>)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: evaluate one model in this process
+    return p.parse_args(argv)
+
+
+def load_items(args: argparse.Namespace) -> tuple[str, list[dict]]:
+    """(kind, items): safety rows, or QA samples from --data or the demo eval split."""
+    if args.safety:
+        from hpml_ft.safety_eval import load_safety_file
+
+        return "safety", load_safety_file(args.safety)[: args.limit]
+    from hpml_ft.data import load_samples, load_splits
+
+    if args.data:
+        samples, fmt = load_samples(args.data, args.format)
+    else:
+        from hpml_ft.config import DataConfig
+
+        splits = load_splits(DataConfig())
+        samples, fmt = splits.eval, splits.format
+    return fmt, [{"messages": s["messages"], "meta": s.get("meta", {})} for s in samples[: args.limit]]
+
+
+def evaluate_one(job: dict[str, Any]) -> dict[str, Any]:
+    """In the worker process: load, answer every item greedily at batch 1, score, measure."""
+    from hpml_ft.generation import generate
+    from hpml_ft.model import load_causal_lm, load_tokenizer
+    from hpml_ft.quant.ptq import dir_size_mib, packed_size_mib
+    from hpml_ft.runner import peak_memory
+
+    path, kind, items = job["path"], job["kind"], job["items"]
+    start = time.perf_counter()
+    tok, model = load_tokenizer(path), load_causal_lm(path)
+    load_s = time.perf_counter() - start
+    if kind == "safety":
+        from hpml_ft.safety_eval import is_guard_template, prompts_for, score
+
+        prompts = prompts_for(items, is_guard_template(tok.chat_template))
+    else:
+        prompts = [s["messages"][:-1] for s in items]
+    extra = {"prompt_lookup_num_tokens": job["prompt_lookup"]} if job["prompt_lookup"] else {}
+    preds, speed = generate(model, tok, prompts, job["max_new_tokens"], batch_size=1, **extra)
+    if kind == "safety":
+        metrics = score(items, preds)[1]
+    else:
+        from hpml_ft.evaluate import score_answers
+
+        metrics = score_answers(items, preds, kind)
+        metrics["accuracy"] = metrics["exact_match"]
+    return {
+        **metrics,
+        "ms_per_token": round(1000 * speed["seconds"] / max(speed["new_tokens"], 1), 2),
+        "tokens_per_s": round(speed["tokens_per_s"], 2),
+        "load_s": round(load_s, 2),
+        "size_on_disk_mib": dir_size_mib(path),
+        "packed_weights_mib": packed_size_mib(model),
+        **peak_memory(),
+        "examples": preds[:3],
+    }
+
+
+def run_worker(job: dict[str, Any]) -> dict[str, Any]:
+    import subprocess
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    try:
+        cmd = [sys.executable, "-m", "hpml_ft.quant.bench", "--worker", f.name]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"evaluating {job['path']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def plan_rows(args: argparse.Namespace, fp: str, out: Path) -> list[dict[str, Any]]:
+    """(name, path, prompt lookup, PTQ bits to make) for every row of the table."""
+    rows = [{"name": "full precision", "path": fp, "lookup": 0}]
+    for b in sorted({4, 3, args.bits}, reverse=True):
+        rows.append(
+            {"name": f"PTQ int{b}", "path": str(out / "models" / f"ptq_int{b}"), "lookup": 0, "ptq": b}
+        )
+    if args.qat:
+        from hpml_ft.evaluate import resolve_model
+
+        qat = resolve_model(args.qat)
+        bits = json.loads((Path(qat) / "hpml_ft.json").read_text()).get("quantization", {}).get("bits")
+        if bits is None:
+            fail(f"--qat {args.qat}: {qat} is not a low-bit model (no quantization record); pass a QAT run")
+        rows.append({"name": f"QAT int{bits}", "path": qat, "lookup": 0, "qat_bits": bits})
+        rows.append(
+            {
+                "name": f"QAT int{bits} + prompt lookup",
+                "path": qat,
+                "lookup": args.prompt_lookup,
+                "qat_bits": bits,
+            }
+        )
+    return rows
+
+
+def recovery(results: list[dict], bits: int) -> float | None:
+    acc = {r["name"]: r["accuracy"] for r in results}
+    full, ptq, qat = acc.get("full precision"), acc.get(f"PTQ int{bits}"), acc.get(f"QAT int{bits}")
+    if None in (full, ptq, qat) or full == ptq:
+        return None
+    return round((qat - ptq) / (full - ptq), 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(evaluate_one(json.loads(Path(args.worker).read_text()))))
+        return 0
+    from hpml_ft.evaluate import resolve_model
+    from hpml_ft.quant.ptq import check_spec, check_torchao, quantize_dir
+    from hpml_ft.quant.report import write_report
+
+    check_spec(args.bits, args.group_size)
+    for name in ("limit", "max_new_tokens"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    check_torchao()
+    fp = resolve_model(args.model)
+    kind, items = load_items(args)
+    if not items:
+        fail("the eval set is empty; pass --data or --safety with records")
+    out = Path(args.out or f"outputs/bench/lowbit-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
+        fail(f"--out {out} exists and is not an earlier lowbit result; pick a new folder")
+    rows = plan_rows(args, fp, out)
+    results = []
+    for row in rows:
+        if "ptq" in row and not Path(row["path"]).is_dir():
+            quantize_dir(fp, Path(row["path"]), row["ptq"], args.group_size)
+        job = {"path": row["path"], "kind": kind, "items": items, "prompt_lookup": row["lookup"]}
+        print(f"[hpml_ft] {row['name']}: {row['path']}", file=sys.stderr)
+        results.append(
+            {
+                "name": row["name"],
+                "path": row["path"],
+                **run_worker({**job, "max_new_tokens": args.max_new_tokens}),
+            }
+        )
+    summary = {"kind": kind, "n": len(items), "bits": args.bits, "recovery": recovery(results, args.bits)}
+    print(write_report(out, summary, results))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
