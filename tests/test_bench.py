@@ -27,6 +27,7 @@ def _check_results(out, kind: str) -> dict:
     return data
 
 
+@pytest.mark.slow
 def test_train_bench_runs_the_sft_path(tiny_model_dir, tmp_path):
     out = tmp_path / "train"
     argv = [

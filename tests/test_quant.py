@@ -212,6 +212,7 @@ def test_recovery_is_the_share_of_the_ptq_loss_that_qat_wins_back():
     assert recovery([{**rows[0], "accuracy": 50.0}, *rows[1:]], 4) is None  # PTQ lost nothing
 
 
+@pytest.mark.slow
 def test_bench_lowbit_writes_every_row_json_markdown_and_png(tiny_model_dir, tmp_path):
     from hpml_ft.quant.bench import main
     from hpml_ft.quant.ptq import quantize_dir

@@ -73,6 +73,7 @@ def _assert_same(m_a, w_a, m_b, w_b):
         assert torch.allclose(w_a[k], w_b[k], atol=1e-4), k
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_matches_uninterrupted(tiny_model_dir, alpaca_file, tmp_path):
     steps = 24
     m_ref, w_ref = _finish(tmp_path, "ref", ["train.save_steps=4"], tiny_model_dir, alpaca_file, steps)
@@ -95,6 +96,7 @@ def test_kill9_then_resume_matches_uninterrupted(tiny_model_dir, alpaca_file, tm
     assert m_cut["steps_run"] == steps - 8 and m_ref["steps_run"] == steps
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_checkpoint_and_says_how_to_resume(tiny_model_dir, alpaca_file, tmp_path):
     steps = 40
     proc = _spawn(_recipe(tmp_path), _args(tiny_model_dir, alpaca_file, tmp_path / "out", steps))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.zero
+pytestmark = [pytest.mark.zero, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed not installed: pip install deepspeed"
