@@ -146,7 +146,20 @@ def check_output_target(path: str | Path, what: str = "output directory") -> Pat
 
 _LOCKS: dict[str, int] = {}  # lock files held for the life of this process (released by the kernel on exit)
 # What a fresh run writes before its first checkpoint; a dir holding only these is a failed start.
-_START_FILES = {"recipe.yaml", "checkpoints", "runs", "wandb", "trackio", ".adapter.tmp", ".merged.tmp"}
+# (tracker dirs, loss.png and samples.jsonl are written from the first logging step on: see callbacks.py)
+_START_FILES = {
+    "recipe.yaml",
+    "checkpoints",
+    "runs",
+    "logs",
+    "wandb",
+    "trackio",
+    "profile",
+    "loss.png",
+    "samples.jsonl",
+    ".adapter.tmp",
+    ".merged.tmp",
+}
 
 
 def lock_run(output_dir: Path, run_name: str) -> Path:

@@ -13,11 +13,11 @@ import argparse
 import json
 import sys
 
-from hpml_ft.errors import run_cli
+from hpml_ft.errors import ArgumentParser, run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m hpml_ft.quantize",
         description=__doc__.splitlines()[0],
         epilog="\n".join(__doc__.splitlines()[2:]),

@@ -181,12 +181,11 @@ def run_training(
 
     setup_tracking(cfg, args, run_dir)  # tracker files in the run dir; wandb offline, never a prompt
     trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, accum, args)
-    single_gen = world_size() == 1 and not cfg.train.deepspeed  # sampling = generation on one process
-    add_callbacks(trainer, cfg, tok, splits.eval if single_gen else [], run_dir)
+    single = world_size() == 1 and not cfg.train.deepspeed  # generation (samples, quick eval) on one process
+    add_callbacks(trainer, cfg, tok, splits.eval if single else [], run_dir)
     if profile:
         trainer.add_callback(ProfileCallback(run_dir))
     attach_distillation(trainer, teacher, cfg)  # quant.distill: CE + KL to the full-precision teacher
-    single = world_size() == 1 and not cfg.train.deepspeed  # quick generation eval only on one process
     metrics: dict[str, Any] = {"trainable_params": trainable, "total_params": total}
     # Under DeepSpeed, evaluate() before train() leaves an eval-only engine that breaks backward: skip it there.
     if resume is None and not cfg.train.deepspeed:
@@ -221,7 +220,8 @@ def run_training(
             "processes": world_size(),
             # what this process did: a resume must start at its checkpoint, not at step 0
             "resumed_from": resume,
-            "steps_run": trainer.state.global_step - (int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0),
+            "steps_run": trainer.state.global_step
+            - (int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0),
         }
     )
     if not all(math.isfinite(x) for x in losses):
@@ -242,9 +242,8 @@ def run_training(
     record = {"recipe": cfg.model_dump(mode="json"), "base_model": cfg.model.name_or_path, "metrics": metrics}
     strip_fake_quant(trainer.model)  # quant: save the trained full-precision weights ...
     artifacts = save_artifacts(trainer, cfg, tok, base_path, record)
-    if trainer.accelerator.is_main_process:  # ... then write merged/ as the real low-bit model
-        artifacts.update(convert_run(run_dir, cfg, record))
     if trainer.accelerator.is_main_process:
+        artifacts.update(convert_run(run_dir, cfg, record))  # ... then merged/ as the real low-bit model
         write_json_atomic(run_dir / "metrics.json", metrics)
         write_text_atomic(run_dir / "README.md", model_card(cfg, metrics, artifacts))
         write_json_atomic(

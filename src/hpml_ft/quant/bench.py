@@ -12,16 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from hpml_ft.errors import fail, run_cli
+from hpml_ft.errors import ArgumentParser, fail, run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m hpml_ft.bench lowbit",
         description=__doc__.splitlines()[0],
         epilog="\n".join(__doc__.splitlines()[2:]),
@@ -104,18 +103,9 @@ def evaluate_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_worker(job: dict[str, Any]) -> dict[str, Any]:
-    import subprocess
+    from hpml_ft.quant.measure import run_json_worker
 
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(job, f)
-    try:
-        cmd = [sys.executable, "-m", "hpml_ft.quant.bench", "--worker", f.name]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    finally:
-        Path(f.name).unlink(missing_ok=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"evaluating {job['path']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json_worker(["hpml_ft.quant.bench", "--worker"], job, f"evaluating {job['path']}")
 
 
 def plan_rows(args: argparse.Namespace, fp: str, out: Path) -> list[dict[str, Any]]:

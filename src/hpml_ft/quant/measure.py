@@ -50,20 +50,27 @@ def measure(path: str, prompts: list[list[dict]], max_new_tokens: int = 64, prom
     }
 
 
-def measure_in_subprocess(path: str, prompts: list[list[dict]] | None = None, prompt_lookup: int = 0) -> dict:
+def run_json_worker(args: list[str], payload: Any, what: str) -> dict:
+    """`python -m ARGS PAYLOAD.json` in a fresh process (its peak memory is its own); its last stdout line is JSON."""
     import tempfile
 
-    cmd = [sys.executable, "-m", "hpml_ft.quant.measure", path, "--prompt-lookup", str(prompt_lookup)]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(prompts or [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS], f)
-    cmd += ["--prompts", f.name]
+        json.dump(payload, f)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", *args, f.name], capture_output=True, text=True, check=False
+        )
     finally:
         Path(f.name).unlink(missing_ok=True)
     if done.returncode != 0:
-        raise RuntimeError(f"measuring {path} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_in_subprocess(path: str, prompts: list[list[dict]] | None = None, prompt_lookup: int = 0) -> dict:
+    prompts = prompts or [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS]
+    args = ["hpml_ft.quant.measure", path, "--prompt-lookup", str(prompt_lookup), "--prompts"]
+    return run_json_worker(args, prompts, f"measuring {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
