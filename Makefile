@@ -32,8 +32,9 @@ install: $(BIN)/.installed
 train: install
 	$(BIN)/accelerate launch --num_processes 1 --mixed_precision no -m hpml_ft.train $(RECIPE) $(ARGS)
 
+# Tests run on every core (up to 4 workers; each worker's torch gets cores / workers threads: tests/conftest.py).
 test: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n auto --maxprocesses 4
 
 # Full fine-tuning with DeepSpeed ZeRO-3: the 8B TAT-QA recipe on GPUs; without a GPU the embedded model on CPU
 fft: install

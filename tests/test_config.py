@@ -113,3 +113,23 @@ def test_every_default_lives_in_the_config():
     cfg = Config.model_validate({"train": {"max_steps": 1}})
     assert cfg.run_dir.as_posix() == "outputs/run"
     assert cfg.tracking.wandb_mode == "offline"
+
+
+def test_public_names_are_exported():
+    import hpml_ft.config as config
+
+    assert all(hasattr(config, name) for name in config.__all__)
+    assert (*config.ADAPTER_METHODS, "full") == config.TRAIN_METHODS and "auto" in config.DTYPE_CHOICES
+
+
+def test_extra_dicts_survive_the_saved_recipe(tmp_path):
+    """train.sft_extra / peft.extra are part of the recipe a run saves, and reload (names re-checked) as is."""
+    from hpml_ft.config import dump_config
+
+    cfg = load_config(
+        None, ["train.max_steps=1", "train.sft_extra={adam_beta2: 0.95}", "peft.extra={bias: lora_only}"]
+    )
+    saved = _recipe(tmp_path, dump_config(cfg))
+    again = load_config(saved)
+    assert again.train.sft_extra == {"adam_beta2": 0.95} and again.peft.extra == {"bias": "lora_only"}
+    assert again == cfg

@@ -17,6 +17,12 @@ from hpml_ft.errors import run_cli
 GOOD = "name: c\ntrain:\n  max_steps: 1\n"
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @pytest.fixture()
 def env(tmp_path, tiny_model_dir, alpaca_file, broken_models):
     """Paths for the cases: a recipe pointing at the tiny model, and an output dir that must stay absent."""
@@ -126,7 +132,7 @@ def _train_cases(e: dict) -> dict[str, tuple[list[str], str]]:
         "max_length too short": ([*b, "train.max_length=10"], "shorter than every training prompt"),
         "model missing": ([*b, f"model.name_or_path={t}/no_model"], "model path not found"),
         "fa2 without flash-attn": (
-            [*b, "model.attn_implementation=flash_attention_2"],
+            [*b, "model.attn_implementation=flash_attention_2", "model.dtype=float32"],  # any device
             "needs the flash-attn package",
         ),
         "qlora + zero3": ([*b, "peft.method=qlora", "train.deepspeed=deepspeed/zero3.json"], "ZeRO-3"),
@@ -253,7 +259,10 @@ CASES = [
     "invalid deepspeed json",
     "unknown recipe",
     "batch not divisible",
-    "fp16 on cpu",
+    pytest.param(
+        "fp16 on cpu",
+        marks=pytest.mark.skipif(_cuda(), reason="fp16 is a valid precision on a CUDA machine"),
+    ),
     "bad override",
     "binary data file",
     "non-utf8 data file",
@@ -400,7 +409,18 @@ def test_infer_unfinished_run(capsys, tmp_path):
 
 # ---------------------------------------------------------------- every CLI: argparse, nan/inf, outputs, weights
 
-CLIS = ["train", "merge", "consolidate", "infer", "eval", "judge", "ifeval", "serve", "plan", "bench"]
+CLIS = [
+    "train",
+    "merge",
+    "consolidate",
+    "infer",
+    "eval",
+    "eval.judge",
+    "eval.ifeval",
+    "serve",
+    "plan",
+    "bench",
+]
 
 
 @pytest.mark.parametrize("cli", CLIS)
@@ -415,7 +435,11 @@ def test_argparse_errors_are_one_line(capsys, cli):
     [
         ("infer", ["--prompt", "hi", "--temperature", "nan"], "--temperature: 'nan' is not a finite number"),
         ("infer", ["--prompt", "hi", "--top-p", "inf"], "--top-p: 'inf' is not a finite number"),
-        ("judge", ["--predictions", "p.jsonl", "--judge-timeout", "nan"], "'nan' is not a finite number"),
+        (
+            "eval.judge",
+            ["--predictions", "p.jsonl", "--judge-timeout", "nan"],
+            "'nan' is not a finite number",
+        ),
         ("plan", ["recipes/lora_alpaca.yaml", "--gpu-mem-gib", "inf"], "'inf' is not a finite number"),
         ("merge", ["--adapter", "a"], "the following arguments are required: --out"),
         ("infer", ["--sid", "x"], "argument --sid: invalid int value: 'x'"),
@@ -463,7 +487,7 @@ def test_truncated_weights_refused_before_loading(capsys, tmp_path, broken_model
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("num_processes: [\n", "not a valid accelerate config (YAML error at line 2)"),
+        ("num_processes: [\n", "not a valid accelerate config (YAML error at line 2, column"),
         ("num_processes: four\n", "num_processes must be a positive integer, got 'four'"),
         ("- a\n- b\n", "an accelerate config is a YAML mapping, not list"),
         (None, "not found; fix the recipe's accelerate_config or pass --gpus N"),
@@ -492,7 +516,7 @@ def test_plan_deepspeed_config_with_wrong_types(capsys, tmp_path):
 def test_ifeval_non_utf8_file(capsys, tmp_path):
     bad = _bytes(tmp_path, "d.jsonl", b'{"key": 1, "prompt": "caf\xe9"}\n')
     _expect_exit2(
-        capsys, "hpml_ft.ifeval", ["--responses", bad, "--data", bad], "d.jsonl: not UTF-8 text (line 1"
+        capsys, "hpml_ft.eval.ifeval", ["--responses", bad, "--data", bad], "d.jsonl: not UTF-8 text (line 1"
     )
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from hpml_ft.config import load_config
 from hpml_ft.data import load_samples
-from hpml_ft.evaluate import comparison_table, official_predictions, score_answers, score_samples
+from hpml_ft.eval.report import comparison_table
+from hpml_ft.eval.scoring import official_predictions, score_answers, score_samples
 
 FIXTURE = Path(__file__).parent / "fixtures" / "eval_tatqa.json"
 UIDS = ["q-orchard-1", "q-orchard-2", "q-orchard-3", "q-orchard-4", "q-harbor-1", "q-harbor-2"]
@@ -102,16 +103,17 @@ def runs(tmp_path, tiny_model_dir) -> Path:
 
 
 def test_eval_cli_compares_models_and_loads_each_once(tmp_path, tiny_model_dir, runs, monkeypatch, capsys):
-    import hpml_ft.eval as ev
+    import hpml_ft.eval.answers as answers
+    from hpml_ft.eval.cli import main
 
     monkeypatch.chdir(tmp_path)  # no outputs/ of the checkout can leak in
     loads = []
-    real = ev.load_model
-    monkeypatch.setattr(ev, "load_model", lambda path, *a: loads.append(path) or real(path, *a))
+    real = answers.load_model
+    monkeypatch.setattr(answers, "load_model", lambda spec, *a: loads.append(spec.path) or real(spec, *a))
     out = tmp_path / "eval"
     models = f"base,{runs / 'run_a'},{tiny_model_dir}"
     assert (
-        ev.main(
+        main(
             [
                 "--models",
                 models,
@@ -166,7 +168,7 @@ def test_eval_cli_help_is_instant(tmp_path):
     proc = _run_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0 and "--models" in proc.stdout and "--judge-url" in proc.stdout
     code = (
-        "import sys, hpml_ft.eval, hpml_ft.judge, hpml_ft.ifeval; "
+        "import sys, hpml_ft.eval.cli, hpml_ft.eval.judge, hpml_ft.eval.ifeval, hpml_ft.runs; "
         "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
@@ -195,10 +197,32 @@ def test_eval_cli_bad_input_one_line_exit_2(tmp_path, tiny_model_dir, case):
     assert (busy / "keep.txt").exists()
 
 
-def test_run_dir_without_merged_model_is_refused(tmp_path, runs):
+def test_run_dir_without_merged_model_or_adapter_is_refused(tmp_path, runs):
     from hpml_ft.errors import UserError
-    from hpml_ft.evaluate import resolve_model
+    from hpml_ft.runs import resolve
 
     shutil.rmtree(runs / "run_a" / "merged")
-    with pytest.raises(UserError, match="no merged/ model"):
-        resolve_model(str(runs / "run_a"))
+    with pytest.raises(UserError, match="no merged/ model and no adapter/"):
+        resolve(str(runs / "run_a"))
+
+
+def test_eval_recipe_uses_its_eval_split_and_its_model_as_base(tmp_path, runs, monkeypatch):
+    """--recipe: the samples are the recipe's eval split (not the latest run's, not the demo data) and 'base' is
+    the recipe's model, here a finished run dir (its merged/ model), as users chain runs."""
+    from hpml_ft.config import dump_config
+    from hpml_ft.data import load_splits
+    from hpml_ft.eval.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"data.path={FIXTURE}", "data.eval_fraction=0.5", "data.seed=7"]
+    cfg = load_config(None, [*overrides, f"model.name_or_path={runs / 'run_a'}", "train.max_steps=1"])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(dump_config(cfg))
+    out = tmp_path / "ev"
+    argv = ["--recipe", str(recipe), "--models", "base", "--runs-dir", str(runs), "--max-new-tokens", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    want = [s["id"] for s in load_splits(cfg.data).eval]
+    rows = [json.loads(x) for x in (out / res["models"][0]["predictions"]).open()]
+    assert res["data"] == f"{recipe} eval split" and [r["id"] for r in rows] == want and set(want) < set(UIDS)
+    assert res["models"][0]["path"] == str(runs / "run_a" / "merged")

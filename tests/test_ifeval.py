@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("if_verifiable")
 
 from hpml_ft.errors import UserError  # noqa: E402
-from hpml_ft.ifeval import load_ifeval, nltk_status, score_responses, validate  # noqa: E402
+from hpml_ft.eval.ifeval import load_ifeval, nltk_status, score_responses, validate  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROMPTS = FIXTURES / "ifeval_prompts.jsonl"
@@ -79,7 +79,7 @@ def test_no_network_is_touched(tmp_path):
         "import socket\n"
         "def refuse(*a, **k): raise SystemExit('network touched')\n"
         "socket.socket.connect = refuse\n"
-        "from hpml_ft.ifeval import load_ifeval, score_responses\n"
+        "from hpml_ft.eval.ifeval import load_ifeval, score_responses\n"
         f"rows = load_ifeval({str(PROMPTS)!r})\n"
         "print(score_responses(rows, ['Hello there. Fine.'] * len(rows))[1]['instructions_scored'])\n"
     )
@@ -128,7 +128,7 @@ def test_bad_kwargs_fail_before_generation():
 
 
 def test_scoring_cli_on_saved_responses(tmp_path):
-    from hpml_ft.ifeval import main
+    from hpml_ft.eval.ifeval import main
 
     out = tmp_path / "scores.json"
     assert main(["--responses", str(RESPONSES), "--data", str(PROMPTS), "--out", str(out)]) == 0
@@ -167,7 +167,7 @@ def test_eval_cli_ifeval_on_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_a_crashing_checker_counts_as_not_followed_and_says_why(monkeypatch):
-    from hpml_ft.ifeval import registry
+    from hpml_ft.eval.ifeval import registry
 
     class Crashes:
         def __init__(self, instruction_id: str) -> None:

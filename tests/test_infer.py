@@ -160,6 +160,26 @@ def test_adapter_is_applied_without_merging(tiny_model_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["answers"][0]["path"] == str(base_copy)  # explicit base wins
 
 
+def test_recipe_picks_the_eval_split_answered(tiny_model_dir, tmp_path, capsys):
+    """--recipe: --sid indexes that recipe's eval split (its data file, fraction and seed), not the default data;
+    with --data the recipe's split settings are applied to that file instead."""
+    from hpml_ft.config import dump_config, load_config
+    from hpml_ft.data import load_splits
+
+    cfg = load_config(
+        None, [f"data.path={FIXTURE}", "data.eval_fraction=0.5", "data.seed=5", "train.max_steps=1"]
+    )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(dump_config(cfg))
+    want = load_splits(cfg.data).eval
+    argv = ["--model", str(tiny_model_dir), "--recipe", str(recipe), "--json", *FAST]
+    assert main([*argv, "--sid", "0", str(len(want) - 1)]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["id"] for r in recs] == [want[0]["id"], want[-1]["id"]] and recs[0]["format"] == "tatqa"
+    assert exit_code([*argv, "--sid", str(len(want))]) == 2  # the split, not the whole file, is indexed
+    assert f"has {len(want)} samples" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "flags",
     [

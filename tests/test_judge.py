@@ -1,25 +1,27 @@
-"""LLM-as-judge: prompt, score parsing, the local judge, and a real `transformers serve` on loopback."""
+"""LLM-as-judge: prompt, score parsing, the local judge, a real `transformers serve` on loopback, and the
+`openai` client against a fake endpoint (concurrency, retries, time-outs, headers)."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import free_port, running_server
 
-from hpml_ft.errors import UserError
-from hpml_ft.judge import (
+from hpml_ft.errors import UserError, run_cli
+from hpml_ft.eval.judge import (
     DEFAULT_RUBRIC,
     JudgeSpec,
     build_judge_prompt,
-    chat_completion,
     check_endpoint,
     judge_rows,
     parse_score,
     summarize,
 )
+from hpml_ft.eval.judge_http import chat_completion
 
 FIXTURE = Path(__file__).parent / "fixtures" / "eval_tatqa.json"
 
@@ -90,7 +92,7 @@ def test_unreachable_endpoint_fails_fast_and_request_errors_are_counted():
     with pytest.raises(UserError, match="http"):
         check_endpoint("127.0.0.1:8000/v1", None, timeout=5)
     rows = _rows(2)
-    summary = judge_rows(JudgeSpec(url=url, model="m", timeout=5), rows)
+    summary = judge_rows(JudgeSpec(url=url, model="m", timeout=5, retries=0), rows)
     assert summary["errors"] == 2 and summary["unparsed"] == 2 and all(r["judge_error"] for r in rows)
 
 
@@ -178,7 +180,7 @@ def test_eval_cli_with_endpoint_judge(served, tmp_path, tiny_model_dir, monkeypa
 
 
 def test_judge_cli_rejudges_a_predictions_file(tmp_path, tiny_model_dir):
-    from hpml_ft.judge import main
+    from hpml_ft.eval.judge import main
 
     preds = tmp_path / "m.jsonl"
     preds.write_text("".join(json.dumps(r) + "\n" for r in _rows(2)))
@@ -189,3 +191,200 @@ def test_judge_cli_rejudges_a_predictions_file(tmp_path, tiny_model_dir):
     assert json.loads((tmp_path / "m.judged.summary.json").read_text())["n"] == 2
     with pytest.raises(UserError, match="not both"):
         main(["--predictions", str(preds), "--judge", "x", "--judge-url", "http://127.0.0.1:1/v1"])
+
+
+# ---------------------------------------------------------------- concurrency and retries (a fake endpoint)
+
+
+class _FakeEndpoint:
+    """A loopback OpenAI-ish /models and /chat/completions: records every request's headers and the requests
+    in flight; the first `fail_first` completions answer 503 (with a 1 ms Retry-After-Ms, so the client's
+    retries do not wait its default backoff). With `pair=True` every completion waits (up to 20 s) until a
+    second one is in flight with it, so requests sent one at a time time out into 503s instead of passing.
+    With `key`, a request without `Bearer <key>` gets 401; `delay_s` holds each completion that long."""
+
+    def __init__(
+        self, fail_first: int = 0, pair: bool = False, key: str | None = None, delay_s: float = 0.0
+    ) -> None:
+        import http.server
+        import threading
+
+        self.lock, self.in_flight, self.max_in_flight, self.requests = threading.Lock(), 0, 0, 0
+        self.fail_first, self.barrier = fail_first, threading.Barrier(2, timeout=20) if pair else None
+        self.key, self.delay_s, self.headers = key, delay_s, []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def reply(self, status: int, payload: dict) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                if status == 503:
+                    self.send_header("Retry-After-Ms", "1")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def authorized(self) -> bool:
+                fake.headers.append(dict(self.headers.items()))
+                if fake.key is None or self.headers.get("Authorization") == f"Bearer {fake.key}":
+                    return True
+                self.reply(401, {"error": {"message": "invalid API key"}})
+                return False
+
+            def do_GET(self):  # noqa: N802
+                if self.authorized():
+                    self.reply(200, {"object": "list", "data": [{"id": "judge-model", "object": "model"}]})
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers["Content-Length"]))
+                if self.authorized():
+                    status = fake.enter()
+                    self.reply(status, {"choices": [{"message": {"content": "Good. [RESULT] 4"}}]})
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # a handler still sleeping when its client timed out writes to a closed socket after the test; the
+        # server's default handle_error would print that traceback into whichever test runs next
+        self.server.handle_error = lambda request, client_address: None
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def enter(self) -> int:
+        import threading
+
+        with self.lock:
+            self.requests += 1
+            failing = self.requests <= self.fail_first
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.barrier is not None:
+                self.barrier.wait()
+            time.sleep(self.delay_s)
+            return 503 if failing else 200
+        except threading.BrokenBarrierError:
+            return 503
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def __enter__(self) -> _FakeEndpoint:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_endpoint_requests_are_sent_concurrently():
+    """concurrency=2: two requests are in flight together (each waits for a partner, so one at a time fails)."""
+    with _FakeEndpoint(pair=True) as fake:
+        rows = _rows(4)
+        summary = judge_rows(JudgeSpec(url=fake.url, model="m", concurrency=2, retries=0, timeout=60), rows)
+    assert fake.max_in_flight == 2 and fake.requests == 4
+    assert summary["errors"] == 0 and [r["judge_score"] for r in rows] == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("retries, fail_first, ok", [(2, 2, True), (1, 2, False), (0, 1, False)])
+def test_failed_requests_are_retried_the_configured_number_of_times(retries, fail_first, ok):
+    with _FakeEndpoint(fail_first=fail_first) as fake:
+        rows = _rows(1)
+        summary = judge_rows(JudgeSpec(url=fake.url, model="m", concurrency=1, retries=retries), rows)
+    assert fake.requests == min(retries + 1, fail_first + 1)  # stops at the first success
+    assert summary["errors"] == (0 if ok else 1)
+    assert (rows[0]["judge_score"] == 4) if ok else ("HTTP 503" in rows[0]["judge_error"])
+
+
+def test_judge_concurrency_and_retries_flags_are_checked(tmp_path):
+    from hpml_ft.eval.judge import main
+
+    preds = tmp_path / "m.jsonl"
+    preds.write_text(json.dumps({"prompt": "q", "pred": "a"}) + "\n")
+    for flag, value in (("--judge-concurrency", "0"), ("--judge-retries", "-1")):
+        with pytest.raises(
+            UserError, match="--judge-concurrency must be positive, --judge-retries 0 or more"
+        ):
+            main(["--predictions", str(preds), "--judge-url", "http://127.0.0.1:1/v1", flag, value])
+
+
+# ---------------------------------------------------------------- the openai client: environment, key, time-outs
+
+
+def _judge_cli(tmp_path, url: str, *extra: str) -> int:
+    from hpml_ft.eval.judge import main
+
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in _rows(2)))
+    return main(["--predictions", str(preds), "--judge-url", url, "--judge-retries", "0", *extra])
+
+
+def test_nothing_from_the_openai_environment_reaches_the_endpoint(tmp_path, monkeypatch):
+    """The client reads OPENAI_* variables (key, organization, project, base URL, extra headers): none of them
+    may reach the judge server, with or without a judge key; http proxies are bypassed for loopback."""
+    for name in (
+        "OPENAI_API_KEY",
+        "OPENAI_ADMIN_KEY",
+        "OPENAI_ORG_ID",
+        "OPENAI_PROJECT_ID",
+        "OPENAI_WEBHOOK_SECRET",
+    ):
+        monkeypatch.setenv(name, f"sentinel-{name}")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:1/sentinel-base")
+    monkeypatch.setenv(
+        "OPENAI_CUSTOM_HEADERS", "X-Leak: sentinel-custom\nAuthorization: Bearer sentinel-auth"
+    )
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:1")  # a dead proxy: using it would fail every request
+    monkeypatch.delenv("HPML_FT_JUDGE_API_KEY", raising=False)
+    with _FakeEndpoint() as fake:
+        assert _judge_cli(tmp_path, fake.url) == 0  # probe + 2 completions, no key
+        without_key = len(fake.headers)
+        assert _judge_cli(tmp_path, fake.url, "--judge-api-key", "judge-key") == 0
+    assert without_key == 3 and len(fake.headers) == 6
+    for i, headers in enumerate(fake.headers):
+        lowered = {k.lower(): v for k, v in headers.items()}
+        assert not any("sentinel" in v for v in lowered.values()), headers
+        assert not {"openai-organization", "openai-project", "x-leak"} & lowered.keys(), headers
+        assert lowered.get("authorization") == (None if i < without_key else "Bearer judge-key"), headers
+    assert json.loads((tmp_path / "p.judged.summary.json").read_text())["errors"] == 0
+
+
+def _cli_error(capsys, main, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_a_refused_key_is_one_error_line_before_any_request(tmp_path, capsys):
+    with _FakeEndpoint(key="right") as fake:
+        err = _cli_error(
+            capsys, lambda argv: _judge_cli(tmp_path, *argv), fake.url, "--judge-api-key", "wrong"
+        )
+        assert "HTTP 401" in err and "--judge-api-key" in err and "wrong" not in err
+        assert len(fake.headers) == 1 and fake.requests == 0  # the probe only, not retried; no completion
+        assert check_endpoint(fake.url, None, timeout=5, key="right") == "judge-model"
+    assert not list(tmp_path.glob("p.judged*"))
+
+
+def test_judge_timeout_reaches_the_client_and_a_timed_out_request_is_retried():
+    with _FakeEndpoint(delay_s=1.0) as fake:
+        rows = _rows(1)
+        summary = judge_rows(JudgeSpec(url=fake.url, model="m", concurrency=1, retries=1, timeout=0.2), rows)
+    assert fake.requests == 2 and summary["errors"] == 1 and rows[0]["judge_error"] == "timed out"
+
+
+def test_openai_is_imported_only_for_an_endpoint_and_its_absence_is_one_error_line(
+    tmp_path, capsys, monkeypatch
+):
+    import subprocess
+
+    code = "import sys, hpml_ft.eval.judge; assert 'openai' not in sys.modules, 'openai imported eagerly'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    monkeypatch.setitem(sys.modules, "openai", None)  # `import openai` now raises ImportError
+    err = _cli_error(capsys, lambda argv: _judge_cli(tmp_path, *argv), "http://127.0.0.1:1/v1")
+    assert 'pip install -e ".[serve]"' in err

@@ -14,7 +14,7 @@ def _trainer(tiny_model_dir, tmp_path, packing: bool):
     from hpml_ft.data import build_train_eval, load_splits
     from hpml_ft.model import build_model, load_tokenizer
     from hpml_ft.runner import build_trainer
-    from hpml_ft.train import sft_config
+    from hpml_ft.trainer import sft_config
 
     cfg = load_config(
         None,
@@ -25,6 +25,8 @@ def _trainer(tiny_model_dir, tmp_path, packing: bool):
             "train.max_length=256",
             f"train.packing={packing}",
             "peft.method=full",
+            "model.dtype=float32",  # fp32 on any device: the 1e-4 comparison below is not a bf16 one
+            "train.precision=fp32",
             f"train.output_dir={tmp_path / ('packed' if packing else 'padded')}",
         ],
     )

@@ -13,6 +13,7 @@ from hpml_ft.errors import run_cli
 from hpml_ft.plan import (
     GIB,
     Setup,
+    Shape,
     largest_batch,
     load_model_config,
     main,
@@ -104,19 +105,90 @@ def test_the_8b_recipe_fits_4_a100_40gb_at_its_batch():
     assert largest_batch(sh, st, 0.95 * 40 * GIB) == cfg.train.per_device_batch_size
 
 
-def test_lora_count_matches_peft_on_a_real_model(tiny_model_dir):
+@pytest.mark.parametrize("method", ["full", "lora", "dora"])
+def test_shape_counts_match_torch_and_peft_on_a_real_model(tiny_model_dir, method):
+    """Counts from the meta-device build equal a real model's parameters (torch) and PEFT's trainable ones."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     from hpml_ft.model import lora_config
 
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    sh = model_shape(load_model_config(str(tiny_model_dir))[0], method, 4, "all-linear")
+    assert sh.total == sum(p.numel() for p in model.parameters())
+    assert sh.head == model.lm_head.weight.numel() and sh.layers == model.config.num_hidden_layers
+    assert sh.layer == sum(p.numel() for p in model.model.layers[0].parameters())
+    if method == "full":
+        assert sh.lora == 0
+        return
     cfg = load_config(
-        None, [f"model.name_or_path={tiny_model_dir}", "peft.r=4", "peft.method=dora", "train.max_steps=1"]
+        None,
+        [f"model.name_or_path={tiny_model_dir}", "peft.r=4", f"peft.method={method}", "train.max_steps=1"],
     )
-    mcfg = load_model_config(str(tiny_model_dir))[0]
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(cfg.peft))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert model_shape(mcfg, "dora", 4, "all-linear").lora == trainable
+    peft_model = get_peft_model(model, lora_config(cfg.peft))
+    assert sh.lora == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+# A made-up shape small enough to do the arithmetic by hand in the comments below.
+TOY = Shape(
+    total=1000,
+    head=100,
+    layer=400,
+    layers=2,
+    linear=800,
+    lora=0,
+    hidden=8,
+    kv_hidden=4,
+    inter=16,
+    heads=2,
+    vocab=100,
+)
+
+
+def _row(rows, name: str) -> float:
+    return next(dev for n, dev, _, _ in rows if n == name)
+
+
+def test_model_state_bytes_by_hand():
+    from hpml_ft.plan import estimate
+
+    # full FT, bf16, plain torch AdamW (m, v in bf16, no master copy): 2 + 2 + 2*2 bytes per parameter
+    rows = estimate(TOY, Setup(method="full", weights="bfloat16"))
+    assert (_row(rows, "weights"), _row(rows, "gradients"), _row(rows, "optimizer states")) == (
+        2000,
+        2000,
+        4000,
+    )
+    # LoRA on a bf16 base: base 2 B/param + fp32 adapters 4 B/param; only the 50 adapter params train, in fp32
+    rows = estimate(replace(TOY, lora=50), Setup(method="lora", weights="bfloat16"))
+    assert (_row(rows, "weights"), _row(rows, "gradients"), _row(rows, "optimizer states")) == (
+        2200,
+        200,
+        400,
+    )
+    # NF4 + double quant: 800 linear weights at 0.5 B + absmax 1 B per 64 + fp32 per 64*256; 200 others at 2 B
+    rows = estimate(replace(TOY, lora=50), Setup(method="qlora", weights="nf4"))
+    assert _row(rows, "weights") == pytest.approx(800 * (0.5 + 1 / 64 + 4 / (64 * 256)) + 200 * 2 + 50 * 4)
+    # ZeRO-2 on 4 GPUs, 8-bit Adam: fp32 master (4) + 2 one-byte states over 4; grads over 4; weights whole
+    rows = estimate(TOY, Setup(method="full", zero=2, gpus=4, optimizer="adamw_8bit"))
+    assert (_row(rows, "weights"), _row(rows, "gradients"), _row(rows, "optimizer states")) == (
+        2000,
+        500,
+        1500,
+    )
+
+
+def test_activation_bytes_by_hand():
+    from hpml_ft.plan import estimate
+
+    st = Setup(method="full", seq=4, batch=2, act_bytes=2, lora_dropout=False)
+    # per token per layer (8h + 2h_kv + 4i) * B = (64 + 8 + 64) * 2 = 272 B; 8 tokens -> 2176 B per layer;
+    # 2 layers + embedding output and final norm (2 * 8 tokens * 8 * 2 B = 256) = 4608
+    assert _row(estimate(TOY, st), "activations") == 4608
+    # checkpointing keeps one hidden state per layer (8 tokens * 8 * 2 B = 128) + one layer recomputed
+    assert _row(estimate(TOY, replace(st, checkpointing=True)), "activations") == 2 * 128 + 2176 + 256
+    # eager attention adds the a*s scores per token: 2 * 2 heads * 4 * 2 B = 32 B -> 8 * 32 * 2 layers
+    assert _row(estimate(TOY, replace(st, eager=True)), "activations") == 4608 + 8 * 32 * 2
 
 
 def test_plan_text_for_the_dry_run(tiny_model_dir):
@@ -128,7 +200,9 @@ def test_plan_text_for_the_dry_run(tiny_model_dir):
 def test_cli_prints_the_table(capsys):
     assert main([FFT_8B, "--gpus", "4", "--gpu-mem-gib", "40"]) == 0
     out = capsys.readouterr().out
-    assert "| optimizer states | 22.44 GiB |" in out and "fits" in out
+    psi = 8_030_261_248  # Llama-3-8B parameters (model card); ZeRO-3 on 4 GPUs, bf16 + fp32 Adam states
+    assert f"| weights | {2 * psi / 4 / GIB:.2f} GiB |" in out
+    assert f"| optimizer states | {12 * psi / 4 / GIB:.2f} GiB |" in out and "fits" in out
     assert main([FFT_8B, "--gpus", "1", "--gpu-mem-gib", "80"]) == 0
     assert "does NOT fit" in capsys.readouterr().out
 

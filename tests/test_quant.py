@@ -70,6 +70,51 @@ def test_fake_quant_forward_differs_and_gradients_reach_every_weight(tiny_model_
         assert p.grad is not None and p.grad.abs().sum() > 0, name  # straight-through: nothing is cut off
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_qat_rounds_exactly_like_the_saved_low_bit_model(tiny_model_dir, bits, symmetric):
+    """Training must see the quantizer that is saved: each fake-quantized weight equals the PTQ model's
+    dequantized weight (torchao 0.18's own asymmetric fake quantizer fails this: wrong zero-point range)."""
+    from hpml_ft.quant.ptq import quantize_model
+    from hpml_ft.quant.qat import prepare_qat
+
+    cfg = _quant_cfg(tiny_model_dir, extra=[f"quant.bits={bits}", f"quant.symmetric={symmetric}"])
+    student, _ = prepare_qat(_tiny(tiny_model_dir), cfg)
+    ptq = dict(quantize_model(tiny_model_dir, bits, cfg.quant.group_size, symmetric).named_modules())
+    checked = 0
+    for name, mod in student.named_modules():
+        if type(mod).__name__ == "FakeQuantizedLinear":
+            with torch.no_grad():
+                trained_view = mod.weight_fake_quantizer(mod.weight)
+            torch.testing.assert_close(trained_view, ptq[name].weight.dequantize(), rtol=0, atol=1e-6)
+            checked += 1
+    assert checked == 2 * 7
+
+
+def test_rounding_once_for_eval_gives_the_same_logits_and_restores_training(tiny_model_dir):
+    from hpml_ft.quant.qat import prepare_qat, rounded_once
+
+    student, _ = prepare_qat(_tiny(tiny_model_dir), _quant_cfg(tiny_model_dir))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        fake = student(x).logits
+        with rounded_once(student) as n:
+            assert n == 2 * 7
+            assert not any(m.weight_fake_quantizer.enabled for m in _fake_layers(student))
+            frozen = student(x).logits
+        after = student(x).logits
+    torch.testing.assert_close(frozen, fake, atol=1e-5, rtol=1e-5)  # eval sees exactly the QAT forward
+    torch.testing.assert_close(after, fake)
+    assert all(m.weight_fake_quantizer.enabled for m in _fake_layers(student))
+    for n, p in student.named_parameters():  # the trained full-precision weights are back, not rounded ones
+        assert torch.equal(p, before[n]), n
+
+
+def _fake_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ == "FakeQuantizedLinear"]
+
+
 def test_fake_quant_base_under_lora_passes_gradients_to_the_adapter(tiny_model_dir):
     from hpml_ft.model import wrap_peft
     from hpml_ft.quant.qat import prepare_qat

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from hpml_ft.errors import UserError
-from hpml_ft.safety_eval import (
+from hpml_ft.eval.safety import (
     GUARD_PROMPT,
     is_guard_template,
     load_safety_file,

@@ -1,4 +1,4 @@
-"""TAT-QA derivation targets (tatqa_target), the safe executor (tatqa_exec) and eval scoring through it."""
+"""TAT-QA derivation targets (tatqa_target), the safe executor (eval.tatqa.executor) and eval scoring through it."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 
 from hpml_ft.config import load_config
 from hpml_ft.errors import UserError
+from hpml_ft.eval.tatqa.executor import execute, render_derivation
 from hpml_ft.tatqa_data import TATQA_SYSTEM, tatqa_samples
-from hpml_ft.tatqa_exec import execute, render_derivation
 from hpml_ft.tatqa_target import DERIVATION_SYSTEM, render_cells
 
 TABLE = [
@@ -179,8 +179,8 @@ def test_render_derivation_is_canonical():
 
 
 def test_eval_scores_derivation_predictions_through_the_executor(tmp_path, tiny_model_dir, monkeypatch):
-    import hpml_ft.eval as ev
-    import hpml_ft.evaluate as evaluate
+    import hpml_ft.eval.answers as answers
+    from hpml_ft.eval.cli import main
 
     data = tmp_path / "tatqa.json"
     data.write_text(json.dumps([CONTEXT]))
@@ -195,11 +195,11 @@ def test_eval_scores_derivation_predictions_through_the_executor(tmp_path, tiny_
         texts = [fixed.get(p[-1]["content"].rsplit("Question: ", 1)[-1], "Inventories") for p in prompts]
         return texts, {"new_tokens": 1, "seconds": 1.0, "tokens_per_s": 1.0}
 
-    monkeypatch.setattr(ev, "load_model", lambda *a: object())
-    monkeypatch.setattr(evaluate, "generate_all", fake_generate)
+    monkeypatch.setattr(answers, "load_model", lambda *a: object())
+    monkeypatch.setattr(answers, "generate_all", fake_generate)
     out = tmp_path / "eval"
     argv = ["--models", str(tiny_model_dir), "--data", str(data), "--tatqa-target", "derivation"]
-    assert ev.main([*argv, "--out", str(out)]) == 0
+    assert main([*argv, "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     metrics = res["models"][0]["metrics"]
     assert metrics["executor"] == {"executed": 3, "parse_failures": 1}
@@ -215,7 +215,8 @@ def test_eval_scores_derivation_predictions_through_the_executor(tmp_path, tiny_
 
 
 def test_infer_shows_derivation_and_computed_answer_side_by_side():
-    from hpml_ft.infer import ModelSpec, answer_rows, record_text, sample_record
+    from hpml_ft.infer import answer_rows, record_text, sample_record
+    from hpml_ft.runs import ModelSpec
 
     sample = tatqa_samples([CONTEXT], "fixture.json", target="derivation")[0]
     specs = [ModelSpec("base", "b"), ModelSpec("tuned", "t")]

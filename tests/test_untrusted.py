@@ -145,8 +145,9 @@ class _Stop(Exception):
 
 @pytest.mark.parametrize("flag", [False, True])
 def test_eval_takes_trust_remote_code_from_the_flag_not_the_run(remote_code_run, tmp_path, monkeypatch, flag):
-    import hpml_ft.eval as ev
+    import hpml_ft.eval.answers as answers
     import hpml_ft.model as hm
+    from hpml_ft.eval.cli import main
 
     seen: list[tuple[str, bool]] = []
     real_tok = hm.load_tokenizer
@@ -154,15 +155,15 @@ def test_eval_takes_trust_remote_code_from_the_flag_not_the_run(remote_code_run,
         hm, "load_tokenizer", lambda p, trust=False: seen.append(("tok", trust)) or real_tok(p)
     )
 
-    def fake_load_model(path, mcfg, dtype=None):
+    def fake_load_model(spec, mcfg):
         seen.append(("model", mcfg.trust_remote_code))
         raise _Stop
 
-    monkeypatch.setattr(ev, "load_model", fake_load_model)
+    monkeypatch.setattr(answers, "load_model", fake_load_model)
     argv = ["--runs-dir", str(remote_code_run.parent), "--models", str(remote_code_run), "--limit", "1"]
     argv += ["--out", str(tmp_path / "ev")] + (["--trust-remote-code"] if flag else [])
     with pytest.raises(_Stop):
-        ev.main(argv)
+        main(argv)
     assert seen == [("tok", flag), ("model", flag)]
 
 
@@ -249,7 +250,7 @@ def _recording_server() -> Iterator[tuple[str, list[dict]]]:
 
 
 def test_judge_never_sends_openai_api_key_and_sends_its_own_key_to_its_url(monkeypatch):
-    from hpml_ft.judge import judge_spec_from_args
+    from hpml_ft.eval.judge import judge_spec_from_args
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-meant-for-openai")
     monkeypatch.delenv("HPML_FT_JUDGE_API_KEY", raising=False)
@@ -265,7 +266,7 @@ def test_judge_never_sends_openai_api_key_and_sends_its_own_key_to_its_url(monke
 
 
 def test_judge_does_not_follow_a_redirect_with_the_key(monkeypatch):
-    from hpml_ft.judge import judge_spec_from_args
+    from hpml_ft.eval.judge import judge_spec_from_args
 
     with _recording_server() as (base, seen):
         with pytest.raises(UserError, match="HTTP 302"):
@@ -274,8 +275,8 @@ def test_judge_does_not_follow_a_redirect_with_the_key(monkeypatch):
 
 
 def test_judge_refuses_a_key_over_plain_http_to_a_remote_host(tmp_path, capsys, monkeypatch):
-    from hpml_ft.judge import check_key_transport
-    from hpml_ft.judge import main as judge
+    from hpml_ft.eval.judge import check_key_transport
+    from hpml_ft.eval.judge import main as judge
 
     preds = tmp_path / "p.jsonl"
     preds.write_text(json.dumps({"prompt": "q", "pred": "a"}) + "\n")
@@ -321,7 +322,7 @@ def _silent_server(hold_s: float) -> Iterator[int]:
 def test_judge_precheck_gives_up_on_a_server_that_never_answers(monkeypatch):
     """The probe must time out on its own short limit, not the 120 s request timeout: if it waited for the
     request timeout, the server would close the socket first and the error would not be a time-out."""
-    import hpml_ft.judge as judge
+    import hpml_ft.eval.judge as judge
 
     monkeypatch.setattr(judge, "PROBE_TIMEOUT", 0.5)
     with (

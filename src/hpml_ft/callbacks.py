@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
+from hpml_ft.generation import generate
+
 if TYPE_CHECKING:
     from trl import SFTConfig, SFTTrainer
 
@@ -118,8 +120,6 @@ class SampleCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if not self.every or state.global_step % self.every or not state.is_world_process_zero:
             return
-        from hpml_ft.generation import generate
-
         prompts = [s["messages"][:-1] for s in self.samples]
         preds, _ = generate(model, self.tok, prompts, self.cfg.train.max_new_tokens, batch_size=len(prompts))
         rows = [

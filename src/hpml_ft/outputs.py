@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hpml_ft.errors import fail
+from hpml_ft.model import check_weight_files
 
 RUN_RECORD = "run.json"
 ARTIFACT_RECORD = "hpml_ft.json"
@@ -104,8 +105,6 @@ def require_complete_model(path: str | Path, what: str = "model") -> Path:
             fail(
                 f"{p} belongs to a run that did not finish (no {RUN_RECORD}); resume it with train.resume=auto"
             )
-        from hpml_ft.model import check_weight_files
-
         check_weight_files(p)  # truncated/corrupt weights: one line now, not a traceback at load
         return p
     fail(f"{p} is not a saved {what} (no config.json or adapter_config.json)")

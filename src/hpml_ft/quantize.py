@@ -13,7 +13,12 @@ import argparse
 import json
 import sys
 
-from hpml_ft.errors import ArgumentParser, run_cli
+from hpml_ft.config import runtime as rt
+from hpml_ft.errors import ArgumentParser, fail, run_cli
+from hpml_ft.outputs import ARTIFACT_RECORD, check_output_target
+from hpml_ft.quant.measure import measure_in_subprocess
+from hpml_ft.quant.ptq import check_spec, check_torchao, dir_size_mib, quantize_dir
+from hpml_ft.runs import standalone_dir
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,7 +31,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("model", help="'embedded', a run dir (its merged/ model) or a model dir")
     p.add_argument("--bits", type=int, required=True, help="weight bits: 8, 4, 3 or 2")
     p.add_argument("--out", required=True, help="where to write the low-bit model dir")
-    p.add_argument("--group-size", type=int, default=32, help="weights per scale (default 32)")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=rt.LOWBIT_GROUP_SIZE,
+        help=f"weights per scale (default {rt.LOWBIT_GROUP_SIZE})",
+    )
     p.add_argument("--symmetric", action="store_true", help="no zero point (default: asymmetric)")
     p.add_argument(
         "--quantize-embeddings", action="store_true", help="also quantize input embeddings and LM head"
@@ -39,17 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pathlib import Path
 
-    from hpml_ft.evaluate import resolve_model
-    from hpml_ft.outputs import check_output_target
-    from hpml_ft.quant.ptq import check_spec, check_torchao, dir_size_mib, quantize_dir
-
     check_spec(args.bits, args.group_size)
     check_torchao()
-    src = resolve_model(args.model)  # fails with one line on an unknown model
+    src = standalone_dir(args.model, "quantize")  # fails with one line on an unknown model
     out = check_output_target(args.out, "--out")
     if out.is_dir() and any(out.iterdir()) and "quantization" not in _record(out):
-        from hpml_ft.errors import fail
-
         fail(f"--out {out} exists and is not an earlier quantize result; pick a new folder")
     _check_groups(src, args.group_size)
     print(f"[hpml_ft] quantizing {src} to int{args.bits} (group {args.group_size}) -> {out}", file=sys.stderr)
@@ -57,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     report = {**rec["quantization"], "out": str(out), "size_on_disk_mib": dir_size_mib(out)}
     report["source_size_mib"] = dir_size_mib(src)
     if not args.no_measure:
-        from hpml_ft.quant.measure import measure_in_subprocess
-
         m = measure_in_subprocess(str(out))
         report.update({k: v for k, v in m.items() if k not in ("texts", "path")})
     print(json.dumps(report, indent=2))
@@ -66,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _record(path) -> dict:
-    from hpml_ft.outputs import ARTIFACT_RECORD
-
     try:
         return json.loads((path / ARTIFACT_RECORD).read_text())
     except (OSError, ValueError):
@@ -77,8 +77,6 @@ def _record(path) -> dict:
 def _check_groups(src: str, group_size: int) -> None:
     """Group size against the model's layer sizes, from config.json only (no weights loaded)."""
     from transformers import AutoConfig
-
-    from hpml_ft.errors import fail
 
     cfg = AutoConfig.from_pretrained(src)
     for key in ("hidden_size", "intermediate_size"):

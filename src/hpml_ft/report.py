@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hpml_ft.config import Config, dump_config, world_size
+from hpml_ft.config import ADAPTER_METHODS, Config, dump_config, world_size
+from hpml_ft.data import token_stats
+from hpml_ft.lora import lora_config
+from hpml_ft.model import count_parameters
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -15,21 +18,18 @@ def parameter_counts(cfg: Config, model_path: str) -> tuple[int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hpml_ft.model import count_parameters, lora_config
-
     mcfg = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mcfg)
-    if cfg.peft.method in ("lora", "qlora", "dora"):
+    if cfg.peft.method in ADAPTER_METHODS:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(cfg.peft))
+        plain = cfg.peft.model_copy(update={"init_lora_weights": True})  # same counts; no SVD on meta weights
+        model = get_peft_model(model, lora_config(plain))
     return count_parameters(model)
 
 
 def derived_numbers(cfg: Config, model_path: str, train_ds: Dataset, accum: int) -> dict[str, Any]:
-    from hpml_ft.data import token_stats
-
     t, procs = cfg.train, world_size()
     stats = token_stats(train_ds, t.max_length)
     steps_per_epoch = -(-stats["samples"] // t.effective_batch_size)
@@ -84,7 +84,8 @@ def model_card(cfg: Config, metrics: dict[str, Any], artifacts: dict[str, str]) 
             + ", ".join(f"`{v}/`" for v in artifacts.values())
             + "; the resolved recipe is `recipe.yaml`.",
             "",
-            'Use it: `python -m hpml_ft.infer --model_name_or_path <this dir>/merged --prompt "..."`',
+            # a run dir resolves to merged/, or to base + adapter when train.merge=false (runs.py)
+            'Use it: `python -m hpml_ft.infer --model <this dir> --prompt "..."`',
             "",
         ]
     )

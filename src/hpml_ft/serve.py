@@ -17,8 +17,11 @@ import socket
 import sys
 from pathlib import Path
 
+from hpml_ft.config import DTYPE_CHOICES
+from hpml_ft.config import runtime as rt
 from hpml_ft.errors import ArgumentParser, fail, run_cli
 from hpml_ft.outputs import latest_finished_run
+from hpml_ft.runs import standalone_dir
 
 SERVING_MODULES = ("fastapi", "uvicorn", "openai")  # what is_serve_available() of transformers checks
 
@@ -33,13 +36,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--host",
-        default="127.0.0.1",
+        default=rt.SERVE_HOST,
         help="listen address (default: this machine only); 0.0.0.0 exposes the model, without "
         "authentication, to everyone who can reach this machine",
     )
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=rt.SERVE_PORT)
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--dry-run", action="store_true", help="check model and port, print usage, exit")
     a = p.parse_args(argv)
     if not 0 < a.port < 65536:
@@ -48,23 +51,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def model_dir(target: str | None) -> Path:
-    """The complete local model directory to serve (resolved as `hpml_ft.infer` resolves a model)."""
-    from hpml_ft.infer import resolve_entry
-
+    """The complete local model directory to serve, resolved by `hpml_ft.runs` as every CLI resolves a model.
+    `transformers serve` loads one standalone model: an unmerged adapter (a run trained with
+    train.merge=false, or an adapter dir) is refused with the merge command that makes one."""
     if target is None:
-        run = latest_finished_run("outputs")
+        run = latest_finished_run(rt.RUNS_DIR)
         if run is None:
             fail("no finished run under outputs/; pass a run dir, a model dir or 'embedded'")
         target = str(run)
-    is_adapter = (Path(target) / "adapter_config.json").is_file()
-    adapter = target if is_adapter else resolve_entry(target, None).adapter  # a run with no merged model
-    if adapter:
-        fail(
-            f"{target} is a LoRA adapter but transformers serve needs a standalone model; merge it first: "
-            f"python -m hpml_ft.merge --adapter {adapter} --out {Path(adapter).parent / 'merged'}"
-        )
-    spec = resolve_entry(target, None)
-    p = Path(spec.path)
+    p = Path(standalone_dir(target, "transformers serve"))
     if not p.is_dir():
         fail(f"{target} is not a local model directory; pass a run dir, a saved model dir or 'embedded'")
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):

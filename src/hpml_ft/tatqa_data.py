@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from hpml_ft.errors import fail
+from hpml_ft.tatqa_target import DERIVATION_SYSTEM, derivation_target, render_cells
 
 TATQA_SYSTEM = (
     "Answer the question from the table and the paragraphs of a financial report. Reply with the answer only: "
@@ -31,8 +32,6 @@ def render_table(rows: list[list[Any]]) -> str:
 
 def render_context(ctx: dict, table: str = "pipe") -> str:
     """Table (`pipe`, or `cells`: one labelled line per cell, see tatqa_target) and paragraphs."""
-    from hpml_ft.tatqa_target import render_cells
-
     paras = sorted(ctx.get("paragraphs", []), key=lambda p: p.get("order", 0))
     text = "\n".join(p["text"] for p in paras)
     rows = ctx["table"]["table"]
@@ -123,8 +122,6 @@ def tatqa_samples(
     where = where or [f"{path}: item {i}" for i in range(len(contexts))]
     for i, ctx in enumerate(contexts):
         _check_context(ctx, where[i])
-    from hpml_ft.tatqa_target import DERIVATION_SYSTEM, derivation_target
-
     system = system_prompt or (TATQA_SYSTEM if target == "answer" else DERIVATION_SYSTEM)
     samples, fell_back, computed = [], 0, 0
     for i, ctx in enumerate(contexts):

@@ -5,7 +5,7 @@ Targets, built from the gold `answer`, `answer_type`, `scale` and `derivation` f
 * ``answer``: the plain answer with its scale (`tatqa_data.render_answer`), as before.
 * ``derivation``: arithmetic -> the gold derivation in one canonical spelling, then its scale
   (``(44.1 - 56.7) / 56.7 * 100 | percent``); count -> ``count: item | item`` (the executor counts the items);
-  spans -> the plain answer. A target is kept only when `tatqa_exec.execute` turns it back into the gold answer
+  spans -> the plain answer. A target is kept only when `eval.tatqa.executor.execute` turns it back into the gold answer
   under the official scorer; otherwise (no derivation, or one that does not reproduce the answer) the sample falls
   back to the plain answer, and the loader reports how many did.
 * ``extract``: as ``derivation``, with one line per number before the expression, naming the table cell it
@@ -21,7 +21,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from hpml_ft.tatqa_exec import ExecError, evaluate_expression, execute, render_derivation
+from hpml_ft.eval.tatqa.executor import ExecError, evaluate_expression, execute, render_derivation
+from hpml_ft.eval.tatqa.metric import score_prediction
 
 DERIVATION_SYSTEM = (
     "Answer the question from the table and the paragraphs of a financial report. If the answer needs a "
@@ -96,8 +97,6 @@ def _candidates(derivation: str, scale: str) -> list[str]:
 
 
 def _reproduces(q: dict, text: str) -> bool:
-    from hpml_ft.tatqa_metric import score_prediction
-
     ex = execute(text)
     return ex.executed and score_prediction(q, ex.answer, ex.scale).em == 1.0
 

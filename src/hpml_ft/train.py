@@ -7,22 +7,29 @@ checked first, so a typo costs seconds, not a model load.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from hpml_ft.config import Config, grad_accum_steps, load_config
+from hpml_ft.config import ADAPTER_METHODS, Config, grad_accum_steps, load_config
+from hpml_ft.data import build_train_eval, load_splits
 from hpml_ft.errors import ArgumentParser, fail, run_cli
-
-if TYPE_CHECKING:
-    from trl import SFTConfig
-
-OPTIMIZERS = {
-    "adamw_torch": "adamw_torch",
-    "adamw_8bit": "adamw_bnb_8bit",
-    "paged_adamw_8bit": "paged_adamw_8bit",
-}
+from hpml_ft.lora import lora_config
+from hpml_ft.model import attn_implementation, check_bitsandbytes, load_tokenizer, torch_dtype
+from hpml_ft.outputs import (
+    check_output_target,
+    lock_run,
+    promote_run,
+    recover_replaced,
+    release_run_locks,
+    run_state,
+    staging_run_dir,
+)
+from hpml_ft.report import print_dry_run
+from hpml_ft.runs import base_model_path
+from hpml_ft.threads import apply_cpu_threads
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,85 +47,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def precision_flags(cfg: Config) -> dict[str, bool]:
-    import torch
-
-    want = cfg.train.precision
-    if want == "auto":
-        cuda = torch.cuda.is_available()
-        want = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32"
-    if want in ("bf16", "fp16") and not torch.cuda.is_available():
-        fail(f"train.precision={want} needs a CUDA GPU; use train.precision=auto (fp32 on CPU)")
-    return {"bf16": want == "bf16", "fp16": want == "fp16", "use_cpu": not torch.cuda.is_available()}
-
-
-def sft_config(cfg: Config, accum: int, run_dir: Path | None = None) -> SFTConfig:
-    """TRL SFTConfig from the recipe. Data is pre-tokenized with assistant masks (see data.py)."""
-    from trl import SFTConfig
-
-    t = cfg.train
-    return SFTConfig(
-        output_dir=str((run_dir or cfg.run_dir) / "checkpoints"),
-        run_name=cfg.run_name,
-        per_device_train_batch_size=t.per_device_batch_size,
-        per_device_eval_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=accum,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of total steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        num_train_epochs=t.num_epochs or 1,
-        max_steps=t.max_steps or -1,
-        optim=OPTIMIZERS[t.optimizer],
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        max_length=t.max_length,
-        packing=t.packing,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if t.eval_steps else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=t.seed,
-        deepspeed=t.deepspeed,
-        report_to=[r for r in cfg.tracking.report_to if r != "none"] or "none",
-        include_num_input_tokens_seen=True,
-        dataset_kwargs={"skip_prepare_dataset": False},
-        **precision_flags(cfg),
-    )
-
-
 def check_environment(cfg: Config) -> None:
-    """Checks that need no model: precision, attention, optional packages, DeepSpeed JSON, tracking backends."""
-    import importlib.util
-    import json
-
-    from hpml_ft.model import attn_implementation, check_bitsandbytes, torch_dtype
+    """Checks that need no model: precision, attention, optional packages, DeepSpeed JSON, tracking backends,
+    and the TRL/PEFT settings themselves (SFTConfig / LoraConfig are built once here, without a model)."""
+    from hpml_ft.trainer import precision_flags  # imports torch
 
     precision_flags(cfg)  # fp16/bf16 asked for on a machine that cannot run it
-    attn_implementation(
-        cfg.model, torch_dtype(cfg.model)
-    )  # FlashAttention-2 asked for without flash-attn/CUDA
+    # FlashAttention-2 asked for without flash-attn/CUDA
+    attn_implementation(cfg.model, torch_dtype(cfg.model))
     if cfg.quantized_4bit or cfg.model.load_in_8bit or cfg.train.optimizer != "adamw_torch":
         check_bitsandbytes()
+    if cfg.train.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        fail(
+            "train.use_liger_kernel=true needs the liger-kernel package (and a CUDA GPU): pip install liger-kernel"
+        )
     if cfg.train.deepspeed:
-        ds = Path(cfg.train.deepspeed)
-        if not ds.is_file():
-            fail(f"DeepSpeed config not found: {ds} (use one of deepspeed/*.json)")
-        try:
-            json.loads(ds.read_text())
-        except json.JSONDecodeError as err:
-            fail(f"{ds}: invalid JSON at line {err.lineno}: {err.msg}; fix the DeepSpeed config")
-        if importlib.util.find_spec("deepspeed") is None:
-            fail("train.deepspeed is set but DeepSpeed is not installed: pip install deepspeed")
-        single_process_dist_env()
+        check_deepspeed(Path(cfg.train.deepspeed))
     for backend in cfg.tracking.report_to:
         if backend != "none" and importlib.util.find_spec(backend) is None:
             fail(f"tracking.report_to lists {backend} but it is not installed: pip install {backend}")
+    check_trl_peft_values(cfg)
+
+
+def check_deepspeed(ds: Path) -> None:
+    if not ds.is_file():
+        fail(f"DeepSpeed config not found: {ds} (use one of deepspeed/*.json)")
+    try:
+        json.loads(ds.read_text())
+    except json.JSONDecodeError as err:
+        fail(f"{ds}: invalid JSON at line {err.lineno}: {err.msg}; fix the DeepSpeed config")
+    if importlib.util.find_spec("deepspeed") is None:
+        fail("train.deepspeed is set but DeepSpeed is not installed: pip install deepspeed")
+    single_process_dist_env()
+
+
+def check_trl_peft_values(cfg: Config) -> None:
+    """The names in train.sft_extra / peft.extra were checked at load; their values are checked here, by the
+    dataclasses themselves, before any model loads (no-op for recipes that use neither)."""
+    from hpml_ft.trainer import sft_config  # imports transformers
+
+    p = cfg.peft
+    if p.method in ADAPTER_METHODS and (p.extra or p.modules_to_save or p.init_lora_weights is not True):
+        lora_config(p)
+    if cfg.train.sft_extra and not cfg.train.deepspeed:  # with DeepSpeed it would register its config twice
+        sft_config(cfg, 1)
 
 
 def single_process_dist_env() -> None:
@@ -156,8 +128,6 @@ def prepare_run_dir(cfg: Config) -> tuple[Path, str | None]:
     finished (kill -9 at any point leaves the old run loadable). A dir from a start that died before its
     first checkpoint holds nothing worth keeping and does not block a rerun.
     """
-    from hpml_ft.outputs import lock_run, recover_replaced, run_state, staging_run_dir
-
     run_dir, resume = cfg.run_dir, cfg.train.resume
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:  # one writer per run name (other ranks belong to the same launch)
@@ -189,7 +159,9 @@ def prepare_run_dir(cfg: Config) -> tuple[Path, str | None]:
         fail(f"{run_dir} exists and holds files that are not an hpml_ft run; pick another train.run_name")
     elif state in ("finished", "unfinished") and rank0:
         what = "a finished run" if state == "finished" else "an unfinished run with checkpoints"
-        fail(f"{run_dir} holds {what}; pass train.overwrite=true to replace it or train.resume=auto to continue")
+        fail(
+            f"{run_dir} holds {what}; pass train.overwrite=true to replace it or train.resume=auto to continue"
+        )
     return run_dir, None
 
 
@@ -198,27 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.recipe, args.overrides)
     accum = grad_accum_steps(cfg)
     check_environment(cfg)
-    from hpml_ft.outputs import check_output_target
-
     check_output_target(cfg.train.output_dir, "train.output_dir")  # a file or read-only dir: fail now
-    from hpml_ft.data import build_train_eval, load_splits
-    from hpml_ft.model import load_tokenizer, resolve_model_path
-
     splits = load_splits(cfg.data)
-    model_path = resolve_model_path(cfg.model.name_or_path)
+    model_path = base_model_path(cfg.model.name_or_path)  # a finished run dir: its merged/ model
     tok = load_tokenizer(model_path, cfg.model.trust_remote_code)
     train_ds, eval_ds = build_train_eval(cfg, tok, splits)
     if args.dry_run:
-        from hpml_ft.report import print_dry_run
-
         print_dry_run(cfg, model_path, train_ds, accum)
         return 0
-    from hpml_ft.outputs import promote_run, release_run_locks
-    from hpml_ft.runner import run_training
-    from hpml_ft.threads import apply_cpu_threads
+    from hpml_ft.runner import run_training  # the run itself: loads torch/transformers/trl
 
     apply_cpu_threads(cfg.train.cpu_threads)  # every core this process owns, also under accelerate launch
-
     try:
         run_dir, resume = prepare_run_dir(cfg)
         code = run_training(

@@ -8,9 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hpml_ft.bench.report import metadata, print_json_line, write_results
+from hpml_ft.config import TRAIN_METHODS, load_config
+from hpml_ft.config import runtime as rt
 from hpml_ft.errors import ArgumentParser, fail
+from hpml_ft.outputs import check_output_target, write_text_atomic
+from hpml_ft.runs import base_model_path, standalone_dir
 
-METHODS = ("lora", "qlora", "dora", "full")
+METHODS = TRAIN_METHODS
 ON_OFF = {"off": False, "on": True}
 USAGE = """python -m hpml_ft.bench train     [--recipe R] [overrides] [--methods ...] [--packing off,on] ...
 python -m hpml_ft.bench generate  [--model embedded|DIR|RUN] [--batches 1,16] [--in-tokens 256] ...
@@ -21,7 +26,7 @@ python -m hpml_ft.bench all       [--out DIR]   (the README Performance tables, 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="result folder (default outputs/bench/<bench>-<date-time>)")
     p.add_argument("--profile", action="store_true", help="torch.profiler Chrome trace + top-15 operators")
-    p.add_argument("--repeats", type=int, default=3, help="generate: timed repeats (median)")
+    p.add_argument("--repeats", type=int, default=rt.BENCH_REPEATS, help="generate: timed repeats (median)")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -34,19 +39,24 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packing", default="off,on", help="TRL padding-free packing values: off,on")
     p.add_argument("--liger", default="auto", help="Liger kernels: off,on (auto: on too when installed)")
     p.add_argument("--grid", action="store_true", help="every combination (default: one axis at a time)")
-    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps (median)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
+    p.add_argument("--steps", type=int, default=rt.BENCH_STEPS, help="timed optimizer steps (median)")
+    p.add_argument("--warmup", type=int, default=rt.BENCH_WARMUP, help="untimed optimizer steps first")
     p.add_argument("--batch", type=int, help="per-device batch (default: the recipe's)")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded", help="'embedded', a model dir or a run dir (its merged/)")
-    p.add_argument("--batches", default="1,16", help="batch sizes")
-    p.add_argument("--in-tokens", type=int, default=256, help="prompt length in tokens (synthetic prompts)")
-    p.add_argument("--out-tokens", type=int, default=32, help="generated tokens (forced)")
+    p.add_argument("--batches", default=rt.BENCH_BATCHES, help="batch sizes")
+    p.add_argument(
+        "--in-tokens",
+        type=int,
+        default=rt.BENCH_IN_TOKENS,
+        help="prompt length in tokens (synthetic prompts)",
+    )
+    p.add_argument("--out-tokens", type=int, default=rt.BENCH_OUT_TOKENS, help="generated tokens (forced)")
     p.add_argument("--data", help="a TAT-QA .json file for the grounded prompts (default: synthetic tables)")
     p.add_argument("--static", default="auto", choices=["auto", "on", "off"], help="static cache + compile")
-    p.add_argument("--lookup", type=int, default=10, help="prompt lookup n-gram tokens")
+    p.add_argument("--lookup", type=int, default=rt.PROMPT_LOOKUP_TOKENS, help="prompt lookup n-gram tokens")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -72,7 +82,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def _values(args: argparse.Namespace, name: str) -> list[bool]:
     raw = getattr(args, name)
     if name == "liger" and raw == "auto":
-        from hpml_ft.bench.train import liger_installed
+        from hpml_ft.bench.train import liger_installed  # lazy: bench.train imports transformers
 
         return [False, True] if liger_installed() else [False]
     bad = [v for v in raw.split(",") if v not in ON_OFF]
@@ -107,8 +117,6 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def out_dir(args: argparse.Namespace) -> Path:
-    from hpml_ft.outputs import check_output_target
-
     out = Path(args.out or f"outputs/bench/{args.bench}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.is_dir() and (out / "results.json").exists():
         fail(f"--out {out} already holds bench results; pass another --out")
@@ -118,37 +126,31 @@ def out_dir(args: argparse.Namespace) -> Path:
 def check_inputs(args: argparse.Namespace) -> None:
     """Recipe, overrides and model names: fail in one line before any work."""
     if args.bench in ("train", "all"):
-        from hpml_ft.bench.train import overrides_for, plan_configs
-        from hpml_ft.config import load_config
-        from hpml_ft.model import resolve_model_path
+        from hpml_ft.bench.train import overrides_for, plan_configs  # lazy: imports transformers
 
         for c in plan_configs(args):  # every configuration's recipe must validate
             cfg = load_config(args.recipe, overrides_for(args, c, "outputs"))
-        resolve_model_path(cfg.model.name_or_path)
+        base_model_path(cfg.model.name_or_path)
     if args.bench in ("generate", "all"):
-        from hpml_ft.evaluate import resolve_model
-
-        resolve_model(args.model)
+        standalone_dir(args.model, "bench generate")
 
 
 def run_bench(
     kind: str, args: argparse.Namespace, out: Path, argv: list[str]
 ) -> tuple[str, list[dict[str, Any]]]:
-    from hpml_ft.bench import report
-
     if kind == "train":
-        from hpml_ft.bench.train import COLUMNS, run
+        from hpml_ft.bench.train import COLUMNS, run  # lazy: imports transformers
 
         rows, notes = run(args, out)
         chart = ("config", [("tokens_per_s", "non-padding tokens/s"), ("peak_mib", "peak memory MiB")])
     else:
-        from hpml_ft.bench.generate import COLUMNS, run
+        from hpml_ft.bench.generate import COLUMNS, run  # lazy: same names as the train branch
 
         rows, notes = run(args, out)
         for r in rows:
             r["label"] = f"{r['variant']} {r['prompts']} b{r['batch']}"
         chart = ("label", [("latency_s", "latency s"), ("tokens_per_s", "generated tokens/s")])
-    md = report.write_results(out, kind, rows, report.metadata(argv), COLUMNS, chart, notes)
+    md = write_results(out, kind, rows, metadata(argv), COLUMNS, chart, notes)
     print(md)
     return md, rows
 
@@ -166,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_train_worker"]:  # internal: one training configuration in this process
         import json
 
-        from hpml_ft.bench.report import print_json_line
-        from hpml_ft.bench.train import measure
+        from hpml_ft.bench.train import measure  # lazy: imports transformers
 
         print_json_line(measure(json.loads(Path(argv[1]).read_text())))
         return 0
@@ -185,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
             if str(r.get("status", "")).startswith("error")
         ]
     if args.bench == "all":
-        from hpml_ft.outputs import write_text_atomic
-
         write_text_atomic(out / "performance.md", "\n".join(parts))
         print(f"[bench] README tables: {out / 'performance.md'}", file=sys.stderr)
     print(f"[bench] results in {out}", file=sys.stderr)

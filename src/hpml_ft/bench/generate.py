@@ -12,6 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hpml_ft.bench.report import profiled
+from hpml_ft.data import load_samples
+from hpml_ft.generation import generate
+from hpml_ft.model import load_causal_lm, load_tokenizer
+from hpml_ft.runs import standalone_dir
+
 COLUMNS = [
     "variant",
     "prompts",
@@ -87,8 +93,6 @@ def open_prompt(rng: random.Random, words: int) -> list[dict]:
 
 
 def tatqa_prompts(path: str) -> list[list[dict]]:
-    from hpml_ft.data import load_samples
-
     samples, _ = load_samples(path, "tatqa")
     return [s["messages"][:-1] for s in samples]
 
@@ -147,8 +151,6 @@ def timed_generate(
 ) -> tuple[list[str], float, float]:
     """(outputs, seconds, peak MiB) of one pass over the prompts with the project's generation path."""
     import torch
-
-    from hpml_ft.generation import generate
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -211,11 +213,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, int, dict[str, An
 
 
 def run(args: argparse.Namespace, out: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    from hpml_ft.bench.report import profiled
-    from hpml_ft.evaluate import resolve_model
-    from hpml_ft.model import load_causal_lm, load_tokenizer
-
-    path = resolve_model(args.model)
+    path = standalone_dir(args.model, "bench generate")
     model, tok = load_causal_lm(path), load_tokenizer(path)
     n = max(args.batches)
     pool = {

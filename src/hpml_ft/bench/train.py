@@ -17,7 +17,13 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-METHODS = ("lora", "qlora", "dora", "full")
+from hpml_ft.bench.report import write_profile
+from hpml_ft.config import TRAIN_METHODS, grad_accum_steps, load_config
+from hpml_ft.data import build_train_eval, load_splits, token_stats
+from hpml_ft.model import build_model, count_parameters, load_tokenizer, wrap_peft
+from hpml_ft.runs import base_model_path
+
+METHODS = TRAIN_METHODS
 COLUMNS = [
     "config",
     "method",
@@ -124,8 +130,6 @@ class StepTimer(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.prof is not None:
-            from hpml_ft.bench.report import write_profile
-
             self.prof.__exit__(None, None, None)
             write_profile(self.prof, self.profile_dir, self.name)
 
@@ -139,15 +143,12 @@ def reset_peak() -> None:
 
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """One configuration, in this process: the toolkit's data and trainer, a few optimizer steps."""
-    from hpml_ft.config import grad_accum_steps, load_config
-    from hpml_ft.data import build_train_eval, load_splits, token_stats
-    from hpml_ft.model import build_model, count_parameters, load_tokenizer, resolve_model_path, wrap_peft
     from hpml_ft.runner import build_trainer, peak_memory
-    from hpml_ft.train import sft_config
+    from hpml_ft.trainer import sft_config
 
     cfg = load_config(job["recipe"], job["overrides"])
     accum = grad_accum_steps(cfg)
-    path = resolve_model_path(cfg.model.name_or_path)
+    path = base_model_path(cfg.model.name_or_path)
     tok = load_tokenizer(path, cfg.model.trust_remote_code)
     train_ds, _ = build_train_eval(cfg, tok, load_splits(cfg.data))
     args = sft_config(cfg, accum)

@@ -16,7 +16,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hpml_ft.config import DataConfig
+from hpml_ft.config import runtime as rt
+from hpml_ft.data import load_samples, load_splits
 from hpml_ft.errors import ArgumentParser, fail, run_cli
+from hpml_ft.eval.safety import is_guard_template, load_safety_file, prompts_for, score
+from hpml_ft.eval.scoring import score_answers
+from hpml_ft.generation import generate
+from hpml_ft.model import load_causal_lm, load_tokenizer
+from hpml_ft.quant.measure import run_json_worker
+from hpml_ft.quant.ptq import check_spec, check_torchao, dir_size_mib, packed_size_mib, quantize_dir
+from hpml_ft.quant.report import write_report
+from hpml_ft.runs import standalone_dir
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,18 +40,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--model", default="embedded", help="the full-precision model: run dir, model dir, embedded"
     )
-    p.add_argument("--bits", type=int, default=2, help="bits of the PTQ/QAT rows compared (default 2)")
+    p.add_argument(
+        "--bits",
+        type=int,
+        default=rt.LOWBIT_BITS,
+        help=f"bits of the PTQ/QAT rows compared (default {rt.LOWBIT_BITS})",
+    )
     p.add_argument("--qat", help="a finished QAT run (recipe with quant:); its merged/ is the QAT row")
-    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--group-size", type=int, default=rt.LOWBIT_GROUP_SIZE)
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--data", help="a .json/.jsonl eval file (alpaca, chat, TAT-QA); default: demo eval split"
     )
     src.add_argument("--safety", help="a ToxicChat-format file: safe/unsafe accuracy instead of exact match")
     p.add_argument("--format", default="auto", choices=["auto", "alpaca", "chat", "tatqa"])
-    p.add_argument("--limit", type=int, default=64, help="eval samples (default 64)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--prompt-lookup", type=int, default=10, help="prompt lookup n-gram tokens (default 10)")
+    p.add_argument(
+        "--limit", type=int, default=rt.LOWBIT_LIMIT, help=f"eval samples (default {rt.LOWBIT_LIMIT})"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=rt.LOWBIT_MAX_NEW_TOKENS)
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=rt.PROMPT_LOOKUP_TOKENS,
+        help=f"prompt lookup n-gram tokens (default {rt.PROMPT_LOOKUP_TOKENS})",
+    )
     p.add_argument("--out", help="result folder (default outputs/bench/lowbit-<date-time>)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: evaluate one model in this process
     return p.parse_args(argv)
@@ -49,16 +72,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load_items(args: argparse.Namespace) -> tuple[str, list[dict]]:
     """(kind, items): safety rows, or QA samples from --data or the demo eval split."""
     if args.safety:
-        from hpml_ft.safety_eval import load_safety_file
-
         return "safety", load_safety_file(args.safety)[: args.limit]
-    from hpml_ft.data import load_samples, load_splits
-
     if args.data:
         samples, fmt = load_samples(args.data, args.format)
     else:
-        from hpml_ft.config import DataConfig
-
         splits = load_splits(DataConfig())
         samples, fmt = splits.eval, splits.format
     return fmt, [{"messages": s["messages"], "meta": s.get("meta", {})} for s in samples[: args.limit]]
@@ -66,18 +83,13 @@ def load_items(args: argparse.Namespace) -> tuple[str, list[dict]]:
 
 def evaluate_one(job: dict[str, Any]) -> dict[str, Any]:
     """In the worker process: load, answer every item greedily at batch 1, score, measure."""
-    from hpml_ft.generation import generate
-    from hpml_ft.model import load_causal_lm, load_tokenizer
-    from hpml_ft.quant.ptq import dir_size_mib, packed_size_mib
-    from hpml_ft.runner import peak_memory
+    from hpml_ft.runner import peak_memory  # lazy: runner imports transformers
 
     path, kind, items = job["path"], job["kind"], job["items"]
     start = time.perf_counter()
     tok, model = load_tokenizer(path), load_causal_lm(path)
     load_s = time.perf_counter() - start
     if kind == "safety":
-        from hpml_ft.safety_eval import is_guard_template, prompts_for, score
-
         prompts = prompts_for(items, is_guard_template(tok.chat_template))
     else:
         prompts = [s["messages"][:-1] for s in items]
@@ -86,8 +98,6 @@ def evaluate_one(job: dict[str, Any]) -> dict[str, Any]:
     if kind == "safety":
         metrics = score(items, preds)[1]
     else:
-        from hpml_ft.evaluate import score_answers
-
         metrics = score_answers(items, preds, kind)
         metrics["accuracy"] = metrics["exact_match"]
     return {
@@ -103,8 +113,6 @@ def evaluate_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_worker(job: dict[str, Any]) -> dict[str, Any]:
-    from hpml_ft.quant.measure import run_json_worker
-
     return run_json_worker(["hpml_ft.quant.bench", "--worker"], job, f"evaluating {job['path']}")
 
 
@@ -116,9 +124,7 @@ def plan_rows(args: argparse.Namespace, fp: str, out: Path) -> list[dict[str, An
             {"name": f"PTQ int{b}", "path": str(out / "models" / f"ptq_int{b}"), "lookup": 0, "ptq": b}
         )
     if args.qat:
-        from hpml_ft.evaluate import resolve_model
-
-        qat = resolve_model(args.qat)
+        qat = standalone_dir(args.qat, "--qat")
         bits = json.loads((Path(qat) / "hpml_ft.json").read_text()).get("quantization", {}).get("bits")
         if bits is None:
             fail(f"--qat {args.qat}: {qat} is not a low-bit model (no quantization record); pass a QAT run")
@@ -147,16 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(evaluate_one(json.loads(Path(args.worker).read_text()))))
         return 0
-    from hpml_ft.evaluate import resolve_model
-    from hpml_ft.quant.ptq import check_spec, check_torchao, quantize_dir
-    from hpml_ft.quant.report import write_report
-
     check_spec(args.bits, args.group_size)
     for name in ("limit", "max_new_tokens"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     check_torchao()
-    fp = resolve_model(args.model)
+    fp = standalone_dir(args.model, "bench lowbit")
     kind, items = load_items(args)
     if not items:
         fail("the eval set is empty; pass --data or --safety with records")

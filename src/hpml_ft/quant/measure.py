@@ -12,6 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hpml_ft.errors import run_cli
+from hpml_ft.generation import generate
+from hpml_ft.model import load_causal_lm, load_tokenizer
+from hpml_ft.quant.ptq import dir_size_mib, packed_size_mib
+
 DEFAULT_PROMPTS = [
     "List three uses of a paperclip.",
     "Extract the number from the sentence. Reply with the number only.\n\nAmir packed 42 boxes of pears.",
@@ -24,10 +29,7 @@ def measure(path: str, prompts: list[list[dict]], max_new_tokens: int = 64, prom
     """Greedy generation over `prompts` (batch 1, the decode regime low-bit kernels target)."""
     import torch
 
-    from hpml_ft.generation import generate
-    from hpml_ft.model import load_causal_lm, load_tokenizer
-    from hpml_ft.quant.ptq import dir_size_mib, packed_size_mib
-    from hpml_ft.runner import peak_memory
+    from hpml_ft.runner import peak_memory  # lazy: runner imports transformers
 
     start = time.perf_counter()
     tok = load_tokenizer(path)
@@ -90,6 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from hpml_ft.errors import run_cli
-
     run_cli(main)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpml_ft.errors import fail
+from hpml_ft.outputs import finalize_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -108,8 +109,6 @@ def _quantize_embeddings(model: PreTrainedModel, bits: int, group_size: int, sym
 def save_quantized(model: PreTrainedModel, src: str | Path, out: Path, rec: dict[str, Any]) -> None:
     """Model (safetensors + quantization_config), `src`'s tokenizer and the record, written atomically."""
     from transformers import AutoTokenizer
-
-    from hpml_ft.outputs import finalize_dir
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hpml_ft.outputs import versions, write_json_atomic, write_text_atomic
+
 COLUMNS = [
     ("accuracy", "accuracy"),
     ("ms_per_token", "ms/token"),
@@ -59,8 +61,6 @@ def plot(path: Path, results: list[dict]) -> None:
 
 
 def write_report(out: Path, summary: dict[str, Any], results: list[dict]) -> str:
-    from hpml_ft.outputs import versions, write_json_atomic, write_text_atomic
-
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(summary, results)
     write_json_atomic(out / "results.json", {**summary, "versions": versions(), "rows": results})

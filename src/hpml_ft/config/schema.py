@@ -1,20 +1,27 @@
-"""The one typed config: every default lives here. YAML -> dotted overrides -> validate -> frozen."""
+"""The recipe schema: every section, every default, and the checks across sections (loading is in load.py)."""
 
 from __future__ import annotations
 
-import difflib
-import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hpml_ft import EMBEDDED_MODEL
-from hpml_ft.errors import UserError, fail
+from hpml_ft.config.extras import check_extra
 
 Method = Literal["none", "lora", "qlora", "dora", "full"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+ADAPTER_METHODS: tuple[str, ...] = (
+    "lora",
+    "qlora",
+    "dora",
+)  # methods that train an adapter (merged at the end)
+TRAIN_METHODS: tuple[str, ...] = (*ADAPTER_METHODS, "full")  # methods a run or a bench row can train with
+DTYPE_CHOICES: tuple[str, ...] = get_args(
+    Dtype
+)  # --dtype of every CLI; auto: bf16 on capable GPUs, fp32 on CPU
 # A run name is one path component inside train.output_dir: no separators, no '..', nothing hidden.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -26,9 +33,7 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name_or_path: str = EMBEDDED_MODEL  # "embedded", a local HF directory, or a hub id
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
-        "auto"  # auto: bf16 on capable GPUs, fp32 on CPU
-    )
+    dtype: Dtype = "auto"  # auto: bf16 on capable GPUs, fp32 on CPU
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     load_in_4bit: bool = False  # implied by peft.method=qlora
     load_in_8bit: bool = False
@@ -72,19 +77,63 @@ class PeftConfig(_Section):
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r, so high ranks keep learning (axolotl
+    # `peft_use_rslora`, LLaMA-Factory `use_rslora`)
+    use_rslora: bool = False
+    # How A and B start: true = B zero (plain LoRA); gaussian; pissa / pissa_niter_<n> (principal singular
+    # vectors of W, fast randomized SVD with n iterations); olora (QR of W). pissa/olora move part of W into the
+    # adapter: the saved adapter is converted back to plain LoRA on the original base (rank 2r)
+    init_lora_weights: bool | str = True
+    # LoRA+: lora_B learns at ratio x train.learning_rate (paper: 16); None = off (axolotl `loraplus_lr_ratio`)
+    loraplus_lr_ratio: float | None = Field(None, ge=1.0)
+    # modules trained in full and saved with the adapter, e.g. [embed_tokens, lm_head] after adding tokens
+    modules_to_save: list[str] | None = None
+    extra: dict[str, Any] = {}  # any other peft.LoraConfig field, e.g. {bias: lora_only}
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _known_init(cls, v: bool | str) -> bool | str:
+        if isinstance(v, bool) or v in ("gaussian", "pissa", "olora") or re.fullmatch(r"pissa_niter_\d+", v):
+            return v
+        raise ValueError(
+            f"peft.init_lora_weights={v!r} is not supported; use true, false, gaussian, pissa, pissa_niter_<n> "
+            "(e.g. pissa_niter_4) or olora"
+        )
+
+    @field_validator("extra")
+    @classmethod
+    def _lora_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_extra("peft.extra", v)
+
+    @property
+    def moves_base_weights(self) -> bool:
+        """PiSSA/OLoRA subtract the adapter's start from W: saving must convert the adapter back."""
+        return isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(
+            ("pissa", "olora")
+        )
 
 
 class TrainConfig(_Section):
     output_dir: str = "outputs"
     run_name: str | None = None  # default: the recipe's `name`
     learning_rate: float = Field(2e-4, gt=0)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    lr_scheduler: Literal[
+        "cosine",
+        "linear",
+        "constant",
+        "constant_with_warmup",
+        "cosine_with_min_lr",
+        "cosine_with_restarts",
+        "polynomial",
+    ] = "cosine"
+    # scheduler arguments, e.g. {min_lr_rate: 0.1} for cosine_with_min_lr, {num_cycles: 2} for cosine_with_restarts
+    lr_scheduler_kwargs: dict[str, Any] = {}
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
     num_epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, gt=0)
-    per_device_batch_size: int = Field(8, gt=0)
+    per_device_batch_size: int = Field(8, gt=0)  # also the eval-loss batch
     effective_batch_size: int = Field(8, gt=0)  # accumulation = effective / (per-device x processes)
     gradient_checkpointing: bool = False
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = "adamw_torch"
@@ -102,9 +151,31 @@ class TrainConfig(_Section):
     merge: bool = True  # write a merged standalone model next to the adapter
     eval_generate: int = Field(64, ge=0)  # held-out samples answered before/after training (0 = skip)
     max_new_tokens: int = Field(64, gt=0)
-    cpu_threads: int | None = Field(None, gt=0)  # torch threads per process on CPU; None = cores / local processes
-    sample_every: int = Field(25, ge=0)  # every N steps answer a few fixed eval prompts -> samples.jsonl (0 = off)
+    generate_batch_size: int | None = Field(
+        None, gt=0
+    )  # before/after answers; None: 2 x per_device_batch_size
+    cpu_threads: int | None = Field(
+        None, gt=0
+    )  # torch threads per process on CPU; None = cores / local processes
+    sample_every: int = Field(
+        25, ge=0
+    )  # every N steps answer a few fixed eval prompts -> samples.jsonl (0 = off)
     sample_prompts: int = Field(3, gt=0)  # how many fixed eval prompts each sampling answers
+    # NEFTune: uniform noise of scale alpha/sqrt(length x hidden) on the input embeddings while training
+    # (paper: 5); None = off (axolotl/LLaMA-Factory `neftune_noise_alpha`)
+    neftune_noise_alpha: float | None = Field(None, gt=0)
+    use_liger_kernel: bool = (
+        False  # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, CE): pip install liger-kernel
+    )
+    dataloader_num_workers: int = Field(0, ge=0)  # processes that prepare batches; 0 = the training process
+    sft_extra: dict[
+        str, Any
+    ] = {}  # any other trl.SFTConfig field, e.g. {adam_beta2: 0.95, torch_compile: true}
+
+    @field_validator("sft_extra")
+    @classmethod
+    def _sft_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_extra("train.sft_extra", v)
 
 
 class DistillConfig(_Section):
@@ -181,7 +252,34 @@ class Config(_Section):
             raise ValueError("quant writes the low-bit model from merged/; set train.merge=true")
         if self.quant.bits is not None and self.quant.distill.weight > 0 and t.deepspeed:
             raise ValueError("quant.distill with DeepSpeed is not supported; set quant.distill.weight=0")
+        self._check_lora_options()
         return self
+
+    def _check_lora_options(self) -> None:
+        p, t = self.peft, self.train
+        init = p.init_lora_weights
+        if p.method in ("full", "none") and (p.loraplus_lr_ratio or init is not True):
+            raise ValueError(
+                f"peft.loraplus_lr_ratio / peft.init_lora_weights apply to LoRA adapters, not peft.method={p.method}; "
+                "unset them or use peft.method=lora"
+            )
+        if (
+            isinstance(init, str)
+            and init.startswith("pissa")
+            and (self.quantized_4bit or self.model.load_in_8bit)
+        ):
+            raise ValueError(
+                "PiSSA needs full-precision base weights (PEFT cannot take the SVD of a bitsandbytes 4/8-bit base); "
+                "use peft.method=lora, or peft.init_lora_weights=olora which works with qlora"
+            )
+        if p.moves_base_weights and t.deepspeed and "3" in Path(t.deepspeed).stem:
+            raise ValueError(
+                f"peft.init_lora_weights={init} reads the whole weights, which ZeRO-3 shards; use deepspeed/zero2.json"
+            )
+        if p.moves_base_weights and self.quant.bits is not None:
+            raise ValueError(
+                f"peft.init_lora_weights={init} with quant (QAT) is not supported; use true or gaussian"
+            )
 
     @property
     def quantized_4bit(self) -> bool:
@@ -194,137 +292,3 @@ class Config(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.train.output_dir) / self.run_name
-
-
-# ---------------------------------------------------------------- loading
-
-
-class _DuplicateKeyError(yaml.YAMLError):
-    pass
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, str | int | float | bool) and key in seen:
-                raise _DuplicateKeyError(f"key '{key}' appears twice (lines {seen[key]} and {line})")
-            if isinstance(key, str | int | float | bool):
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        fail(f"recipe not found: {p} (pass a path like recipes/lora_alpaca.yaml)")
-    try:
-        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
-    except UnicodeDecodeError as err:
-        fail(f"{p}: not UTF-8 text (byte {err.start}); a recipe is a YAML text file")
-    except _DuplicateKeyError as err:
-        fail(f"{p}: {err}; keep one of them")
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        fail(f"{p}: YAML syntax error{where}: {getattr(err, 'problem', err)}; fix the recipe file")
-    if not isinstance(data, dict):
-        fail(
-            f"{p}: a recipe must be a YAML mapping of sections (model:, data:, peft:, train:), not {type(data).__name__}"
-        )
-    return data
-
-
-def apply_override(tree: dict[str, Any], override: str) -> None:
-    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so 1e-4, null, [a, b] work)."""
-    if "=" not in override:
-        fail(f"override '{override}' is not of the form section.key=value (e.g. train.learning_rate=1e-4)")
-    key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            fail(f"override '{override}': '{part}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        keys.append(prefix + name)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(_known_keys(ann, f"{prefix}{name}."))
-    return keys
-
-
-def format_validation_error(err: ValidationError) -> str:
-    """One line per problem, with a 'did you mean' for unknown keys."""
-    known = _known_keys(Config)
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
-        if e["type"] == "extra_forbidden":
-            guess = difflib.get_close_matches(loc, known, n=1, cutoff=0.6)
-            hint = (
-                f" (did you mean '{guess[0]}'?)"
-                if guess
-                else f"; known keys: {', '.join(k for k in known if '.' not in k)}"
-            )
-            lines.append(f"unknown key '{loc}'{hint}")
-        elif e["type"] == "value_error":
-            lines.append(str(e["msg"]).removeprefix("Value error, "))
-        else:
-            got = e.get("input")
-            shown = repr(got) if not isinstance(got, dict) else "a mapping"
-            lines.append(f"{loc or 'recipe'}: {e['msg']} (got {shown})")
-    return "; ".join(lines)
-
-
-def build_config(tree: dict[str, Any]) -> Config:
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as err:
-        raise UserError(f"invalid recipe: {format_validation_error(err)}") from None
-
-
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a recipe (or defaults when `path` is None), apply dotted overrides, validate, freeze."""
-    tree = _read_yaml(path) if path else {}
-    for ov in overrides:
-        apply_override(tree, ov)
-    return build_config(tree)
-
-
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-# ---------------------------------------------------------------- derived numbers
-
-
-def world_size() -> int:
-    """Processes in this launch (accelerate/torchrun set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def grad_accum_steps(cfg: Config, processes: int | None = None) -> int:
-    procs = processes or world_size()
-    per_step = cfg.train.per_device_batch_size * procs
-    if cfg.train.effective_batch_size % per_step:
-        fail(
-            f"train.effective_batch_size={cfg.train.effective_batch_size} is not divisible by "
-            f"per_device_batch_size x processes = {cfg.train.per_device_batch_size} x {procs}; "
-            "change the batch sizes or the number of processes"
-        )
-    return cfg.train.effective_batch_size // per_step

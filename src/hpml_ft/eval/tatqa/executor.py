@@ -12,7 +12,7 @@ Forms (the assistant turns built by `tatqa_target` in derivation mode):
   is the expression.
 * ``count: ITEM | ITEM | ...``: the answer is the number of items.
 
-Anything else is not a derivation and is left to `tatqa_normalize.parse_model_output`. A derivation that fails to
+Anything else is not a derivation and is left to `normalize.parse_model_output`. A derivation that fails to
 parse or compute (garbage, division by zero, a value beyond 1e15, deeper than 12 parentheses, longer than 400
 characters) falls back to that parser too; never an exception, never `eval`.
 """
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from hpml_ft.eval.tatqa.normalize import parse_model_output
 
 MAX_CHARS = 400  # a derivation longer than this is not one
 MAX_DEPTH = 12  # parenthesis nesting
@@ -180,8 +182,6 @@ def _count(text: str) -> Execution:
 
 
 def _fallback(text: str, derivation: str | None, failed: bool) -> Execution:
-    from hpml_ft.tatqa_normalize import parse_model_output
-
     answer, scale = parse_model_output(text, keep_number_text=True)
     return Execution(answer, scale, derivation, False, failed)
 

@@ -1,0 +1,150 @@
+"""`python -m hpml_ft.eval --models base,outputs/run_a,DIR [--data PATH | --recipe RECIPE | --ifeval [PATH]]`.
+
+Answers every eval prompt with each model (batched, progress bar), scores them and writes one folder:
+results.json, results.md (comparison table), predictions/<model>.jsonl and, for TAT-QA,
+predictions/<model>.official.json ({uid: [answer, scale]}, the official scorer's input).
+
+Data: --data (all of it), --recipe (its eval split), --ifeval (instruction following; default IFBench), or by
+default the eval split of the latest finished run's recipe. Models: 'base' (the base model of the recipe / run
+in play, else the embedded one), 'embedded', a run dir (its merged/ model, or base + adapter when it was
+trained with train.merge=false), a model or adapter dir, or a cached hub id; default: base and the latest
+finished run. Add --judge PATH or --judge-url URL for a 1-5 LLM-as-judge score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from hpml_ft.config import DTYPE_CHOICES
+from hpml_ft.config import runtime as rt
+from hpml_ft.errors import ArgumentParser, fail
+from hpml_ft.eval.answers import answer_all, load_tokenizers, score_all
+from hpml_ft.eval.judge import add_judge_args, judge_rows, judge_spec_from_args, summarize_rows
+from hpml_ft.eval.report import write_results
+from hpml_ft.eval.tasks import load_task, resolve_models
+from hpml_ft.outputs import check_output_target
+from hpml_ft.runs import model_config
+from hpml_ft.threads import apply_cpu_threads
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(
+        prog="python -m hpml_ft.eval",
+        description=__doc__.splitlines()[0],
+        epilog="\n".join(__doc__.splitlines()[2:]),
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    p.add_argument("--models", help="comma-separated model specs (see below); default: base,<latest run>")
+    _data_args(p)
+    _run_args(p)
+    add_judge_args(p)
+    return p.parse_args(argv)
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    """What to evaluate on: one source, and how --data records become prompts."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="a .json/.jsonl file (alpaca, chat or TAT-QA); every record is evaluated")
+    src.add_argument("--recipe", help="a recipe YAML: evaluate on its eval split, 'base' is its model")
+    src.add_argument(
+        "--ifeval",
+        nargs="?",
+        const="ifbench",
+        metavar="PATH",
+        help="instruction following on an IFEval-format JSONL (no PATH: IFBench test set)",
+    )
+    src.add_argument(
+        "--safety", metavar="FILE", help="safe/unsafe classification on a ToxicChat-format CSV/JSON/JSONL"
+    )
+    p.add_argument(
+        "--format", default="auto", choices=["auto", "alpaca", "chat", "tatqa"], help="format of --data"
+    )
+    p.add_argument("--system-prompt", help="system prompt for --data samples (default: the format's own)")
+    p.add_argument(
+        "--tatqa-target",
+        default="answer",
+        choices=["answer", "derivation", "extract"],
+        help="TAT-QA --data prompts as trained with data.tatqa_target (default answer); --recipe/runs use theirs",
+    )
+    p.add_argument(
+        "--tatqa-table", default="pipe", choices=["pipe", "cells"], help="TAT-QA --data table rendering"
+    )
+    p.add_argument("--limit", type=int, help="evaluate the first N samples only")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """How to generate and where results go."""
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=rt.EVAL_BATCH_SIZE,
+        help=f"generation batch size (default {rt.EVAL_BATCH_SIZE})",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"answer length (default {rt.EVAL_MAX_NEW_TOKENS}; {rt.IFEVAL_MAX_NEW_TOKENS} with --ifeval, "
+        f"{rt.SAFETY_MAX_NEW_TOKENS} with --safety)",
+    )
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="model dtype (default: auto)")
+    p.add_argument(
+        "--runs-dir", default=rt.RUNS_DIR, help=f"where finished runs are found (default {rt.RUNS_DIR})"
+    )
+    p.add_argument("--out", help="result folder (default: <runs-dir>/eval/<date-time>)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped in a model dir (config.json auto_map); a run's own record never turns "
+        "this on, only this flag does: use it for models you trust",
+    )
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name in ("limit", "batch_size", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            fail(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    """The result folder; an existing folder is replaced only when it holds an earlier eval result."""
+    out = Path(args.out) if args.out else Path(args.runs_dir) / "eval" / time.strftime("%Y%m%d-%H%M%S")
+    check_output_target(out, "--out")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "results.json").is_file())):
+        fail(f"--out {out} exists and is not an earlier eval result; pick a new folder")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _check_numbers(args)
+    out = out_dir(args)  # a bad --out fails before any data or model is read
+    task = load_task(args)
+    task.model_cfg = model_config(task.model_cfg, args.trust_remote_code, args.dtype)
+    lengths = {"ifeval": rt.IFEVAL_MAX_NEW_TOKENS, "safety": rt.SAFETY_MAX_NEW_TOKENS}
+    args.max_new_tokens = args.max_new_tokens or lengths.get(task.kind, rt.EVAL_MAX_NEW_TOKENS)
+    models = resolve_models(args, task)
+    apply_cpu_threads(log=False)  # every core this process owns, also under accelerate launch
+    toks = load_tokenizers(models, task)
+    if (args.judge or args.judge_url) and task.kind in ("ifeval", "safety"):
+        fail(
+            "--judge/--judge-url grade QA answers; IFEval and --safety are scored by rules, drop the judge option"
+        )
+    spec = judge_spec_from_args(args, args.batch_size)
+    print(
+        f"[hpml_ft] {len(task.items)} {task.fmt} samples from {task.data}; models: "
+        + ", ".join(f"{m.label} ({m.path}{' + ' + m.adapter if m.adapter else ''})" for m in models),
+        file=sys.stderr,
+    )
+    answers = answer_all(models, toks, task, args.max_new_tokens, args.batch_size)
+    results = score_all(models, task, answers)
+    if spec:
+        judge_rows(spec, [row for r in results for row in r["rows"]])  # one judge load for every model
+        for r in results:
+            r["metrics"]["judge"] = summarize_rows(r["rows"])
+    print(write_results(out, task, results, args, spec.name if spec else None))
+    print(f"[hpml_ft] results: {out}/results.json, table: {out}/results.md")
+    return 0

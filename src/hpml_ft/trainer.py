@@ -1,0 +1,141 @@
+"""The TRL trainer from the recipe: every SFTConfig argument (typed keys + `train.sft_extra`), precision,
+Ctrl-C handling, the LoRA+ optimizer, and the SFTTrainer itself. Data arrives pre-tokenized with assistant
+masks (data.py)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import TrainerCallback
+
+from hpml_ft.config import Config
+from hpml_ft.errors import fail
+from hpml_ft.lora import loraplus_optimizer
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from trl import SFTConfig, SFTTrainer
+
+OPTIMIZERS = {  # train.optimizer -> transformers' optim name
+    "adamw_torch": "adamw_torch",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+}
+
+
+def precision_flags(cfg: Config) -> dict[str, bool]:
+    """train.precision -> SFTConfig bf16/fp16/use_cpu; auto = bf16 on capable GPUs, fp16 on others, fp32 on CPU."""
+    import torch
+
+    want = cfg.train.precision
+    if want == "auto":
+        cuda = torch.cuda.is_available()
+        want = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32"
+    if want in ("bf16", "fp16") and not torch.cuda.is_available():
+        fail(f"train.precision={want} needs a CUDA GPU; use train.precision=auto (fp32 on CPU)")
+    return {"bf16": want == "bf16", "fp16": want == "fp16", "use_cpu": not torch.cuda.is_available()}
+
+
+def sft_arguments(cfg: Config, accum: int, run_dir: Path | None = None) -> dict[str, Any]:
+    """The SFTConfig arguments the typed recipe sets (config/extras.py SFT_MAPPED names the key of each)."""
+    t = cfg.train
+    args: dict[str, Any] = {
+        "output_dir": str((run_dir or cfg.run_dir) / "checkpoints"),
+        "run_name": cfg.run_name,
+        "per_device_train_batch_size": t.per_device_batch_size,
+        "per_device_eval_batch_size": t.per_device_batch_size,
+        "gradient_accumulation_steps": accum,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler,
+        "lr_scheduler_kwargs": dict(t.lr_scheduler_kwargs),
+        "warmup_steps": t.warmup_ratio,  # a float < 1 is a ratio of total steps
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "num_train_epochs": t.num_epochs or 1,
+        "max_steps": t.max_steps or -1,
+        "optim": OPTIMIZERS[t.optimizer],
+        "activation_checkpointing": t.gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None,
+        "max_length": t.max_length,
+        "packing": t.packing,
+        "logging_steps": t.logging_steps,
+        "logging_first_step": True,
+        "eval_strategy": "steps" if t.eval_steps else "no",
+        "eval_steps": t.eval_steps,
+        "save_strategy": "steps" if t.save_steps else "no",  # no save_steps: TRL's own default is never used
+        **({"save_steps": t.save_steps} if t.save_steps else {}),
+        "save_total_limit": t.save_total_limit,
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "deepspeed": t.deepspeed,
+        "report_to": [r for r in cfg.tracking.report_to if r != "none"] or "none",
+        "include_num_input_tokens_seen": True,
+        "dataset_kwargs": {"skip_prepare_dataset": False},
+        "neftune_noise_alpha": t.neftune_noise_alpha,
+        "use_liger_kernel": t.use_liger_kernel,
+        "dataloader_num_workers": t.dataloader_num_workers,
+        **precision_flags(cfg),
+    }
+    return args
+
+
+def sft_config(cfg: Config, accum: int, run_dir: Path | None = None) -> SFTConfig:
+    """TRL SFTConfig from the recipe: the typed keys, then `train.sft_extra` (names checked at load)."""
+    from trl import SFTConfig
+
+    try:
+        return SFTConfig(**sft_arguments(cfg, accum, run_dir), **cfg.train.sft_extra)
+    except (ValueError, TypeError) as err:
+        why = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        fail(f"trl.SFTConfig refused the training arguments ({why}); fix train.sft_extra or the train: keys")
+
+
+class InterruptCallback(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            signal.signal(signal.SIGINT, self._previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\n[hpml_ft] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr
+        )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def build_trainer(
+    cfg: Config,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    train_ds: Dataset,
+    eval_ds: Dataset | None,
+    accum: int,
+    args: SFTConfig | None = None,
+) -> SFTTrainer:
+    """SFTTrainer over the wrapped model; LoRA+ (peft.loraplus_lr_ratio) replaces the stock optimizer."""
+    from trl import SFTTrainer
+
+    args = args or sft_config(cfg, accum)
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tok,
+        callbacks=[InterruptCallback()],
+        optimizer_cls_and_kwargs=loraplus_optimizer(cfg, args),
+    )
