@@ -74,6 +74,9 @@ def sft_arguments(cfg: Config, accum: int, run_dir: Path | None = None) -> dict[
         "deepspeed": t.deepspeed,
         "report_to": [r for r in cfg.tracking.report_to if r != "none"] or "none",
         "include_num_input_tokens_seen": True,
+        # eval reports the loss (TRL adds entropy/accuracy itself); without this the Trainer also gathers every
+        # eval batch's full logits: +0.9 GB peak on the TAT-QA recipe (4.2 vs 5.1 GB), same eval loss
+        "prediction_loss_only": True,
         "dataset_kwargs": {"skip_prepare_dataset": False},
         "neftune_noise_alpha": t.neftune_noise_alpha,
         "use_liger_kernel": t.use_liger_kernel,

@@ -46,6 +46,7 @@ SFT_MAPPED: dict[str, str] = {
     "deepspeed": "train.deepspeed",
     "report_to": "tracking.report_to",
     "include_num_input_tokens_seen": "nothing (always on: metrics.json reports tokens_seen)",
+    "prediction_loss_only": "nothing (always on: eval reports losses, never gathers logits)",
     "dataset_kwargs": "data.* (data.py tokenizes and masks the data itself)",
     "bf16": "train.precision",
     "fp16": "train.precision",
