@@ -73,6 +73,26 @@ def _assert_same(m_a, w_a, m_b, w_b):
         assert torch.allclose(w_a[k], w_b[k], atol=1e-4), k
 
 
+def _complete(ckpt: Path) -> bool:
+    """trainer_state.json is written last and may be caught half-written: complete when it parses."""
+    try:
+        return bool(json.loads((ckpt / "trainer_state.json").read_text()))
+    except (OSError, ValueError):
+        return False
+
+
+def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path, capsys):
+    from hpml_ft.train import _last_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    for step, state in ((4, '{"global_step": 4}'), (8, '{"global_step": 8}'), (12, ""), (10, None)):
+        (ckpts / f"checkpoint-{step}").mkdir(parents=True)
+        if state is not None:
+            (ckpts / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert _last_checkpoint(tmp_path) == str(ckpts / "checkpoint-8")  # 12: empty state, 10: none
+    assert "checkpoint-12: incomplete" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_kill9_then_resume_matches_uninterrupted(tiny_model_dir, alpaca_file, tmp_path):
     steps = 24
@@ -82,7 +102,7 @@ def test_kill9_then_resume_matches_uninterrupted(tiny_model_dir, alpaca_file, tm
     )
     ckpt = tmp_path / "cut" / "r" / "checkpoints" / "checkpoint-8"
     deadline = time.time() + 120
-    while not (ckpt / "trainer_state.json").exists() and proc.poll() is None and time.time() < deadline:
+    while not _complete(ckpt) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

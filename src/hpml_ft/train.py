@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from hpml_ft.config import ADAPTER_METHODS, Config, grad_accum_steps, load_config
@@ -114,10 +115,18 @@ def single_process_dist_env() -> None:
 
 
 def _last_checkpoint(run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest complete checkpoint. The Trainer writes trainer_state.json last, so a kill during a save leaves
+    a newer checkpoint dir whose state is missing or cut short: skip it (resuming it would crash)."""
     ckpts = run_dir / "checkpoints"
-    return get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+    found = ckpts.glob("checkpoint-*") if ckpts.is_dir() else []
+    steps = sorted((int(p.name.rpartition("-")[2]), p) for p in found if p.name.rpartition("-")[2].isdigit())
+    for step, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(path)
+        except (OSError, ValueError):
+            print(f"[hpml_ft] skipping {path}: incomplete (killed while saving step {step})", file=sys.stderr)
+    return None
 
 
 def prepare_run_dir(cfg: Config) -> tuple[Path, str | None]:
