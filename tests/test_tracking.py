@@ -93,3 +93,5 @@ def test_profile_writes_trace_and_top_ops(tiny_model_dir, alpaca_file, tmp_path)
     trace = json.loads((run / "profile" / "trace.json").read_text())
     assert trace["traceEvents"]
     assert "aten::" in (run / "profile" / "top_ops.txt").read_text()
+    mem = (run / "profile" / "top_memory_ops.txt").read_text()
+    assert "CPU Mem" in mem and "aten::" in mem and "[[" in mem  # sorted by memory, with input shapes

@@ -197,8 +197,9 @@ def add_callbacks(trainer: SFTTrainer, cfg: Config, tok: Any, samples: list[dict
 class ProfileCallback(TrainerCallback):
     """`train --profile`: torch.profiler over steps 2-4 (1 wait, 1 warm-up, 3 recorded), CPU+CUDA, memory.
 
-    Writes profile/trace.json (Chrome trace: open in https://ui.perfetto.dev) and profile/top_ops.txt (the 15
-    operators with the most self time, with their memory).
+    Writes profile/trace.json (Chrome trace: open in https://ui.perfetto.dev), profile/top_ops.txt (the 15
+    operators with the most self time) and profile/top_memory_ops.txt (the 15 operators and input shapes that
+    allocate the most).
     """
 
     def __init__(self, run_dir: Path, wait: int = 1, warmup: int = 1, active: int = 3) -> None:
@@ -240,8 +241,12 @@ class ProfileCallback(TrainerCallback):
             if any(e.device_type.name == "CUDA" for e in prof.key_averages())
             else "self_cpu_time_total"
         )
+        ops = prof.key_averages(group_by_input_shape=True)
         table = prof.key_averages().table(sort_by=sort, row_limit=15)
         (self.dir / "top_ops.txt").write_text(table + "\n")
+        mem = "self_cuda_memory_usage" if sort.startswith("self_cuda") else "self_cpu_memory_usage"
+        # the memory view: which operators (and input shapes) allocate the most, to find where a peak comes from
+        (self.dir / "top_memory_ops.txt").write_text(ops.table(sort_by=mem, row_limit=15) + "\n")
         print(
             f"[hpml_ft] profile: {self.dir / 'trace.json'} (open in https://ui.perfetto.dev), {self.dir / 'top_ops.txt'}"
         )
