@@ -165,6 +165,11 @@ def test_executor_falls_back_cleanly_on_hostile_or_malformed_input(text, failed)
         ("12.5%", "12.5", "percent"),
         ("3,452 million", "3,452", "million"),
         ("2019 | 2018", ["2019", "2018"], ""),
+        ("5,687 | thousand", "5,687", "thousand"),  # a number and its scale in the derivation spelling
+        ("$22,446 | million", "$22,446", "million"),
+        ("12.5 | percent", "12.5", "percent"),
+        ("2019 | million", "2019", "million"),
+        ("Inventories | million", ["Inventories", "million"], ""),  # a span stays a span
     ],
 )
 def test_plain_answers_bypass_the_executor(text, answer, scale):

@@ -24,10 +24,13 @@ from typing import Any
 from hpml_ft.eval.tatqa.executor import ExecError, evaluate_expression, execute, render_derivation
 from hpml_ft.eval.tatqa.metric import score_prediction
 
+# The example's numbers are made up on purpose. The first version used `(44.1 - 56.7) / 56.7 * 100`, a real
+# dev-file question whose table is held out: the tuned model wrote it (or its first half) for four held-out
+# questions of that table, two of them right, so the held-out score partly measured the prompt.
 DERIVATION_SYSTEM = (
     "Answer the question from the table and the paragraphs of a financial report. If the answer needs a "
     "calculation, reply with the arithmetic over numbers copied from the table or paragraphs, then ' | ' and the "
-    "scale (thousand, million, billion or percent) when it has one, e.g. '(44.1 - 56.7) / 56.7 * 100 | percent'. "
+    "scale (thousand, million, billion or percent) when it has one, e.g. '(1,234.5 - 987.6) / 987.6 * 100 | percent'. "
     "If it is a count, reply 'count: ' and the items counted, separated by ' | '. Otherwise reply with the exact "
     "text span, with its scale when it has one; separate several spans with ' | '."
 )

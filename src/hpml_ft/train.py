@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from hpml_ft.allocator import pin_mmap_threshold
 from hpml_ft.config import ADAPTER_METHODS, Config, grad_accum_steps, load_config
 from hpml_ft.data import build_train_eval, load_splits
 from hpml_ft.errors import ArgumentParser, fail, run_cli
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     from hpml_ft.runner import run_training  # the run itself: loads torch/transformers/trl
 
     apply_cpu_threads(cfg.train.cpu_threads)  # every core this process owns, also under accelerate launch
+    if cfg.train.release_host_memory:
+        pin_mmap_threshold()  # freed tensors go back to the OS: RSS = live memory (allocator.py)
     try:
         run_dir, resume = prepare_run_dir(cfg)
         code = run_training(

@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from hpml_ft.allocator import pin_mmap_threshold
 from hpml_ft.bench.report import write_profile
 from hpml_ft.config import TRAIN_METHODS, grad_accum_steps, load_config
 from hpml_ft.data import build_train_eval, load_splits, token_stats
@@ -147,6 +148,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     from hpml_ft.trainer import sft_config
 
     cfg = load_config(job["recipe"], job["overrides"])
+    if cfg.train.release_host_memory:
+        pin_mmap_threshold()  # as train does: peak RSS is what the configuration keeps live
     accum = grad_accum_steps(cfg)
     path = base_model_path(cfg.model.name_or_path)
     tok = load_tokenizer(path, cfg.model.trust_remote_code)

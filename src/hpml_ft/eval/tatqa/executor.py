@@ -35,6 +35,7 @@ _TOKEN = re.compile(
 )
 _OPERATOR = re.compile(r"\d%?[)\]\s]*[-+*/^][-+*/^(\[\s$€£¥]*[\d.]")  # `^`, `**`: shaped, refused later
 _COUNT = re.compile(r"^\s*count\s*:\s*", re.I)
+_NUMBER_ONLY = re.compile(r"[$€£¥]?\s*-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
 class ExecError(ValueError):
@@ -195,6 +196,9 @@ def execute(text: str) -> Execution:
     expr = expr.splitlines()[-1].strip() if expr else expr  # extract-then-compute: the last line
     shaped = looks_like_expression(expr) or (bool(scale) and bool(re.search(r"\d%?[)\]\s]*[-+*/]", expr)))
     if not shaped:
+        # `5,687 | thousand`: a number and its scale, not two spans
+        if scale and _NUMBER_ONLY.fullmatch(expr):
+            return _fallback(f"{expr}%" if scale == "percent" else f"{expr} {scale}", None, failed=False)
         return _fallback(text, None, failed=False)
     try:
         value = evaluate_expression(expr, scale)
