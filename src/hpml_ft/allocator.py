@@ -14,7 +14,6 @@ it is opt-in (`train.release_host_memory`). A user who set that variable (or any
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -26,10 +25,8 @@ def pin_mmap_threshold(nbytes: int = PINNED_THRESHOLD) -> bool:
     """Pin glibc's mmap threshold at `nbytes`. True when applied; False off glibc or when the user chose."""
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ or "GLIBC_TUNABLES" in os.environ:
         return False
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt  # absent on musl
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library: no library search, no subprocess
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, nbytes))
