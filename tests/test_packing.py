@@ -80,3 +80,27 @@ def test_without_position_reset_samples_would_mix(tiny_model_dir, tmp_path):
     labels = batch["labels"][0] != -100
     good, bad = _token_losses(packed.model, batch)[labels], _token_losses(packed.model, mixed)[labels]
     assert not torch.allclose(good, bad, atol=1e-3)
+
+
+def test_packed_rows_stay_rows_without_varlen_attention(tiny_model_dir, tmp_path):
+    """SDPA has no varlen kernel: two packed rows are a [2, longest] batch (TRL's padding-free collator would
+    flatten them into one [1, sum] row whose dense mask costs (2 x max_length)^2), and each row's per-token
+    losses equal the row collated alone (no attention across rows, the pad tail changes nothing)."""
+    packed, _ = _trainer(tiny_model_dir, tmp_path, packing=True)
+    rows = sorted(packed.train_dataset, key=lambda r: len(r["input_ids"]))
+    short, long = rows[0], rows[-1]
+    assert len(short["input_ids"]) < len(long["input_ids"]), "the test needs rows of different lengths"
+    batch = packed.data_collator([short, long])
+    width = len(long["input_ids"])
+    assert batch["input_ids"].shape == (2, width) and "attention_mask" not in batch
+    n = len(short["input_ids"])
+    assert (batch["labels"][0, n:] == -100).all()  # the pad tail has no labels
+    assert batch["position_ids"][0, n] == 0  # ... and is a block of its own
+    with torch.no_grad():
+        both = packed.model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    for i, row in enumerate((short, long)):
+        alone = packed.data_collator([row])
+        assert torch.equal(alone["labels"][0], batch["labels"][i, : len(row["input_ids"])])
+        with torch.no_grad():
+            ref = packed.model(**{k: v for k, v in alone.items() if k != "labels"}, use_cache=False).logits[0]
+        torch.testing.assert_close(both[i, : len(row["input_ids"])], ref, atol=1e-4, rtol=1e-4)

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from hpml_ft.config import Config
 from hpml_ft.errors import fail
 from hpml_ft.lora import loraplus_optimizer
+from hpml_ft.packing import needs_row_layout, packed_rows_collator
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -129,11 +130,12 @@ def build_trainer(
     accum: int,
     args: SFTConfig | None = None,
 ) -> SFTTrainer:
-    """SFTTrainer over the wrapped model; LoRA+ (peft.loraplus_lr_ratio) replaces the stock optimizer."""
+    """SFTTrainer over the wrapped model; LoRA+ (peft.loraplus_lr_ratio) replaces the stock optimizer; packed
+    rows keep their own rows where attention has no varlen kernel (packing.py)."""
     from trl import SFTTrainer
 
     args = args or sft_config(cfg, accum)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -142,3 +144,7 @@ def build_trainer(
         callbacks=[InterruptCallback()],
         optimizer_cls_and_kwargs=loraplus_optimizer(cfg, args),
     )
+    collator = trainer.data_collator
+    if getattr(collator, "padding_free", False) and needs_row_layout(trainer.model):  # TRL would flatten
+        trainer.data_collator = packed_rows_collator(collator.pad_token_id)
+    return trainer

@@ -76,7 +76,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # on a GPU pass --batches 1,16 --out-tokens 32 --repeats 3 for the reference setup
     al.set_defaults(batches="1,4", out_tokens=16, repeats=2)
     sub.add_parser("lowbit", help="low-bit (PTQ/QAT) models: see python -m hpml_ft.bench lowbit --help")
-    return check_args(p.parse_args(argv))
+    args, extra = p.parse_known_args(argv)
+    # dotted overrides may come after options too (`--methods lora data.path=X`), as they do for train
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return check_args(args)
 
 
 def _values(args: argparse.Namespace, name: str) -> list[bool]:

@@ -91,10 +91,14 @@ def _batch_counter(collate: Any, stats: list[dict[str, int]]) -> Any:
 
     def wrapped(features: list[dict]) -> dict:
         batch = collate(features)
-        ids = batch["input_ids"]
-        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(ids.numel())
+        # unpadded samples / packed rows: the real tokens whatever layout the collator makes of them
+        real = sum(len(f["input_ids"]) for f in features)
         stats.append(
-            {"slots": int(ids.numel()), "tokens": real, "loss_tokens": int((batch["labels"] != -100).sum())}
+            {
+                "slots": int(batch["input_ids"].numel()),
+                "tokens": real,
+                "loss_tokens": int((batch["labels"] != -100).sum()),
+            }
         )
         return batch
 
@@ -175,11 +179,16 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     per_step = accum  # collator calls per optimizer step
     done = stats[job["warmup"] * per_step : len(timer.times) * per_step]
     tokens, slots = sum(s["tokens"] for s in done), sum(s["slots"] for s in done)
+    step_tokens = [
+        sum(s["tokens"] for s in done[i * per_step : (i + 1) * per_step]) for i in range(len(timed))
+    ]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     mem = peak_memory()
     return {
         "step_s": round(statistics.median(timed), 3),
-        "tokens_per_s": round(tokens / sum(timed), 1),
+        # median of each step's rate: one slow step (a new padded shape, a host hiccup) does not decide a row
+        "tokens_per_s": round(statistics.median(n / t for n, t in zip(step_tokens, timed, strict=True)), 1),
+        "tokens_per_s_overall": round(tokens / sum(timed), 1),
         "padding_frac": round(1 - tokens / max(slots, 1), 3),
         "tokens_per_step": round(tokens / max(len(timed), 1)),
         "loss_tokens_per_step": round(sum(s["loss_tokens"] for s in done) / max(len(timed), 1)),
@@ -235,8 +244,11 @@ def run(args: argparse.Namespace, out: Path) -> tuple[list[dict[str, Any]], list
         print(f"[bench] train {c['config']}: {shown}", file=sys.stderr)
     notes = [
         f"{args.steps} timed optimizer steps (median step time) after {args.warmup} warm-up step(s); "
-        "tokens/s counts non-padding tokens; peak memory is the GPU allocator peak, else the process peak RSS.",
-        "packing = TRL bfd packing, padding-free (position ids restart per sample; no attention across samples); "
-        "a packed run uses batch x mean sample length / max_length rows per step, about the padded run's samples.",
+        "tokens/s = median over the timed steps of the step's non-padding tokens / its time (results.json also "
+        "has tokens_per_s_overall: all tokens / all time); peak memory is the GPU allocator peak, else the "
+        "process peak RSS.",
+        "packing = TRL bfd packing (position ids restart per sample; no attention across samples): one flattened "
+        "row for FlashAttention's varlen kernel, else one row per pack (hpml_ft.packing); a packed run uses batch "
+        "x mean sample length / max_length rows per step, about the padded run's samples.",
     ]
     return rows, notes
