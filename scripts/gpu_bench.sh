@@ -18,6 +18,7 @@ MODE=${1:-gpu}
 EMB=${EMBEDDED_DIR:-$HOME/.cache/hpml_ft/SmolLM2-135M-Instruct}
 if [[ $MODE == --prepare ]]; then
     set -e
+    DEV=${2:?usage: bash scripts/gpu_bench.sh --prepare path/to/tatqa_dataset_dev.json}
     PY=.venv/bin/python
     mkdir -p .whl/gpu .gpu
     # torch, accelerate, pandas, pyarrow, matplotlib, yaml are in the GPU image; the rest is pinned to the CPU-tested stack
@@ -30,7 +31,7 @@ if [[ $MODE == --prepare ]]; then
     tar czf .gpu/tokenizer.tgz -C "$EMB" config.json tokenizer.json tokenizer_config.json chat_template.jinja \
         generation_config.json
     # the first 60 contexts (~360 questions): enough for every step the benches time
-    $PY -c "import json,sys; json.dump(json.load(open(sys.argv[1]))[:60], open('.gpu/tatqa.json','w'))" "$2"
+    $PY -c "import json,sys; json.dump(json.load(open(sys.argv[1]))[:60], open('.gpu/tatqa.json','w'))" "$DEV"
     grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >> .git/info/exclude
     du -sh .whl/gpu .gpu
     exit 0
