@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -301,7 +302,15 @@ def build_dataset(
             f"train.max_length={max_length} is shorter than every {name} prompt (shortest answer starts at token "
             f"{min(first_answer)}), so every answer would be cut off; raise train.max_length"
         )
-    return Dataset.from_list(rows)
+    # TRL drops these itself only when it truncates (not under packing): drop them here, for every layout
+    kept = [r for r, pos in zip(rows, first_answer, strict=True) if pos < max_length]
+    if len(kept) < len(rows):
+        print(
+            f"[hpml_ft] {len(rows) - len(kept)} of {len(rows)} {name} samples left out: their answer starts after "
+            f"train.max_length={max_length} tokens (nothing to learn from); raise it to keep them",
+            file=sys.stderr,
+        )
+    return Dataset.from_list(kept)
 
 
 def token_stats(ds: Dataset, max_length: int) -> dict[str, float]:

@@ -14,7 +14,12 @@ from transformers import TrainerCallback
 from hpml_ft.config import Config
 from hpml_ft.errors import fail
 from hpml_ft.lora import loraplus_optimizer
-from hpml_ft.packing import needs_row_layout, packed_rows_collator
+from hpml_ft.packing import (
+    needs_row_layout,
+    packed_rows_collator,
+    padding_free_collator,
+    use_packed_attention,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -144,7 +149,26 @@ def build_trainer(
         callbacks=[InterruptCallback()],
         optimizer_cls_and_kwargs=loraplus_optimizer(cfg, args),
     )
-    collator = trainer.data_collator
-    if getattr(collator, "padding_free", False) and needs_row_layout(trainer.model):  # TRL would flatten
-        trainer.data_collator = packed_rows_collator(collator.pad_token_id)
+    set_packed_layout(cfg, trainer)
     return trainer
+
+
+def set_packed_layout(cfg: Config, trainer: SFTTrainer) -> None:
+    """Packed rows stay rows where attention has no varlen kernel (TRL would flatten them), with per-sample
+    attention on CPU; train.padding_free packs each micro-batch's samples the same way (TRL's flattened
+    collator under FlashAttention)."""
+    collator = trainer.data_collator
+    pad_id = collator.pad_token_id
+    if getattr(collator, "padding_free", False) and needs_row_layout(trainer.model):
+        trainer.data_collator = packed_rows_collator(pad_id)
+    elif cfg.train.padding_free and not cfg.train.packing:
+        if needs_row_layout(trainer.model):
+            trainer.data_collator = padding_free_collator(pad_id, cfg.train.max_length)
+        else:
+            from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+            trainer.data_collator = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True)
+    else:
+        return
+    if needs_row_layout(trainer.model):
+        use_packed_attention(trainer.model)

@@ -36,7 +36,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="recipe YAML (default: the built-in defaults: demo data, embedded model)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing values: off,on")
-    p.add_argument("--packing", default="off,on", help="TRL padding-free packing values: off,on")
+    p.add_argument(
+        "--packing",
+        default="off,on",
+        help="off (padded), on (bfd packing: train.packing), free (each batch packed: train.padding_free)",
+    )
     p.add_argument("--liger", default="auto", help="Liger kernels: off,on (auto: on too when installed)")
     p.add_argument("--grid", action="store_true", help="every combination (default: one axis at a time)")
     p.add_argument("--steps", type=int, default=rt.BENCH_STEPS, help="timed optimizer steps (median)")
@@ -92,10 +96,11 @@ def _values(args: argparse.Namespace, name: str) -> list[bool]:
         from hpml_ft.bench.train import liger_installed  # lazy: bench.train imports transformers
 
         return [False, True] if liger_installed() else [False]
-    bad = [v for v in raw.split(",") if v not in ON_OFF]
+    allowed = {**ON_OFF, "free": "free"} if name == "packing" else ON_OFF
+    bad = [v for v in raw.split(",") if v not in allowed]
     if bad:
-        fail(f"--{name}: unknown {bad}; use off, on or off,on")
-    return [ON_OFF[v] for v in raw.split(",")]
+        fail(f"--{name}: unknown {bad}; use a comma list of {', '.join(allowed)}")
+    return [allowed[v] for v in raw.split(",")]
 
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:

@@ -62,7 +62,7 @@ def plan_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
         combos += [{**base, k: v} for k in ("checkpointing", "packing", "liger") for v in axes[k][1:]]
     for c in combos:
         c["config"] = c["method"] + "".join(
-            f"+{k[:4]}" for k in ("checkpointing", "packing", "liger") if c[k]
+            f"+{'free' if c[k] == 'free' else k[:4]}" for k in ("checkpointing", "packing", "liger") if c[k]
         )
     return combos
 
@@ -72,7 +72,8 @@ def overrides_for(args: argparse.Namespace, c: dict[str, Any], run_root: str) ->
         *args.overrides,
         f"peft.method={c['method']}",
         f"train.gradient_checkpointing={c['checkpointing']}",
-        f"train.packing={c['packing']}",
+        f"train.packing={c['packing'] is True}",
+        f"train.padding_free={c['packing'] == 'free'}",
         f"train.max_steps={args.warmup + args.steps}",
         "train.num_epochs=null",
         *([f"train.per_device_batch_size={args.batch}"] if args.batch else []),
@@ -247,8 +248,10 @@ def run(args: argparse.Namespace, out: Path) -> tuple[list[dict[str, Any]], list
         "tokens/s = median over the timed steps of the step's non-padding tokens / its time (results.json also "
         "has tokens_per_s_overall: all tokens / all time); peak memory is the GPU allocator peak, else the "
         "process peak RSS.",
-        "packing = TRL bfd packing (position ids restart per sample; no attention across samples): one flattened "
-        "row for FlashAttention's varlen kernel, else one row per pack (hpml_ft.packing); a packed run uses batch "
-        "x mean sample length / max_length rows per step, about the padded run's samples.",
+        "packing True = TRL bfd packing (position ids restart per sample; no attention across samples): one "
+        "flattened row for FlashAttention's varlen kernel, else one row per pack (hpml_ft.packing) with causal "
+        "attention per sample on CPU; a packed run uses batch x mean sample length / max_length rows per step, "
+        "about the padded run's samples. free = train.padding_free: each batch's own samples packed into rows "
+        "the same way (same samples per step as the padded run).",
     ]
     return rows, notes
