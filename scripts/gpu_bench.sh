@@ -100,7 +100,7 @@ for run in ${PACKING:-smollm2-135m:8 llama-3.2-1b:8}; do
     m=${run%:*} b=${run#*:}
     (( $(left) > 60 )) || break
     timeout $(( $(left) < 150 ? $(left) : 150 )) $PY -m hpml_ft.bench train "${TQ[@]}" model.name_or_path=$M/$m \
-        --methods lora --checkpointing off --packing off,on --liger off --batch $b train.effective_batch_size=$b \
+        --methods lora --checkpointing off --packing off,on,free --liger off --batch $b train.effective_batch_size=$b \
         "${STEPS[@]}" --out $RES/train_packing_${m}_b$b
     pack "packing $m batch $b"
 done

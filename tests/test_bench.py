@@ -40,7 +40,7 @@ def test_train_bench_runs_the_sft_path(tiny_model_dir, tmp_path):
         "--checkpointing",
         "off",
         "--packing",
-        "off,on",
+        "off,on,free",
         "--liger",
         "off",
         "--steps",
@@ -53,15 +53,19 @@ def test_train_bench_runs_the_sft_path(tiny_model_dir, tmp_path):
     ]
     assert main(argv) == 0
     rows = _check_results(out, "train")["rows"]
-    assert [r["config"] for r in rows] == ["lora", "full", "lora+pack"]
+    assert [r["config"] for r in rows] == ["lora", "full", "lora+pack", "lora+free"]
     for r in rows:
         assert r["status"] == "ok", r
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_mib"] > 0
         assert len(r["step_times"]) == 2 and r["trainable_params"] > 0 and r["final_loss"] > 0
-    lora, full, packed = rows
+    lora, full, packed, free = rows
     assert lora["trainable_params"] < full["trainable_params"]
     # packed rows keep only their pad tails (SDPA here: one row per pack, hpml_ft.packing)
     assert packed["padding_frac"] < lora["padding_frac"]
+    # padding-free: the padded run's samples (and label tokens) per step, in fewer padded slots
+    assert free["padding_frac"] < lora["padding_frac"]
+    assert free["tokens_per_step"] == lora["tokens_per_step"]
+    assert free["loss_tokens_per_step"] == lora["loss_tokens_per_step"]
     trace = json.loads((out / "profile-lora.json").read_text())
     assert trace["traceEvents"]
     assert "Self CPU" in (out / "profile-lora.md").read_text()

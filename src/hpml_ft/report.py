@@ -43,6 +43,13 @@ def derived_numbers(cfg: Config, model_path: str, train_ds: Dataset, accum: int)
         "truncated_samples": stats["truncated"],
         "tokens_per_step": f"~{round(stats['mean_tokens'] * t.effective_batch_size):,} "
         f"(at most {t.max_length * t.effective_batch_size:,})",
+        "batch_layout": (
+            f"bfd packing: rows of <= {t.max_length} tokens (per_device_batch_size counts rows)"
+            if t.packing
+            else f"padding-free: each micro-batch's samples packed into rows of <= {t.max_length} tokens"
+            if t.padding_free
+            else "padded to the longest sample of each micro-batch"
+        ),
         "optimizer_steps": t.max_steps or int(steps_per_epoch * (t.num_epochs or 1)),
         "trainable_params": f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
     }

@@ -170,5 +170,10 @@ def set_packed_layout(cfg: Config, trainer: SFTTrainer) -> None:
             trainer.data_collator = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True)
     else:
         return
-    if needs_row_layout(trainer.model):
-        use_packed_attention(trainer.model)
+    rows = needs_row_layout(trainer.model)
+    per_sample = rows and use_packed_attention(trainer.model)
+    print(
+        f"[hpml_ft] {'packing' if cfg.train.packing else 'padding-free'}: "
+        + ("one row per pack" if rows else "one flattened sequence per micro-batch (varlen attention)")
+        + (", causal attention per sample on CPU (packed_sdpa)" if per_sample else "")
+    )

@@ -38,7 +38,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing values: off,on")
     p.add_argument(
         "--packing",
-        default="off,on",
+        default="off,on,free",
         help="off (padded), on (bfd packing: train.packing), free (each batch packed: train.padding_free)",
     )
     p.add_argument("--liger", default="auto", help="Liger kernels: off,on (auto: on too when installed)")
