@@ -141,9 +141,7 @@ class TrainConfig(_Section):
     max_length: int = Field(512, gt=8)
     # bfd packing: samples packed into max_length rows before batching (per_device_batch_size then counts rows)
     packing: bool = False
-    # each micro-batch's own samples packed into rows of <= max_length tokens: same samples per step, no padding
-    # between them (hpml_ft.packing); off under train.packing, which already packs
-    padding_free: bool = False
+    padding_free: bool = False  # a micro-batch's samples packed into rows, no padding (packing.py)
     logging_steps: int = Field(5, gt=0)
     eval_steps: int | None = Field(None, gt=0)  # None: evaluate at the end only
     save_steps: int | None = Field(None, gt=0)  # None: no intermediate checkpoints
