@@ -172,8 +172,9 @@ def set_packed_layout(cfg: Config, trainer: SFTTrainer) -> None:
         return
     rows = needs_row_layout(trainer.model)
     per_sample = rows and use_packed_attention(trainer.model)
+    what = "bfd packing" if cfg.train.packing else "padding-free: each micro-batch's samples packed"
     print(
-        f"[hpml_ft] {'packing' if cfg.train.packing else 'padding-free'}: "
-        + ("one row per pack" if rows else "one flattened sequence per micro-batch (varlen attention)")
+        f"[hpml_ft] {what} into rows of <= {cfg.train.max_length} tokens; "
+        + ("a batch row per row" if rows else "one flattened sequence per micro-batch (varlen attention)")
         + (", causal attention per sample on CPU (packed_sdpa)" if per_sample else "")
     )
