@@ -102,6 +102,22 @@ def test_packed_sdpa_keeps_samples_apart(tiny_model_dir, tmp_path):
         assert not torch.allclose(mixed, logits[0, a:b], atol=1e-3)
 
 
+def test_packed_sdpa_leaves_sliding_window_models_to_their_mask():
+    """Per-sample attention would drop a sliding window (it lives in the mask): such calls get plain SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from hpml_ft.packing import packed_sdpa
+
+    module = torch.nn.Module().train()
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    per_sample, _ = packed_sdpa(module, q, k, v, None, position_ids=pos)
+    plain, _ = sdpa_attention_forward(module, q, k, v, None)
+    assert not torch.allclose(per_sample, plain)  # the two paths differ on this row ...
+    windowed, _ = packed_sdpa(module, q, k, v, None, position_ids=pos, sliding_window=4)
+    torch.testing.assert_close(windowed, plain)  # ... and a windowed call takes the plain one
+
+
 @pytest.mark.slow
 def test_padding_free_training_follows_the_padded_loss_curve(tiny_model_dir, tmp_path):
     """Same samples per step, same loss: three optimizer steps log the same losses as the padded run."""

@@ -127,8 +127,10 @@ def packed_sdpa(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     length = query.shape[2]
-    if not (module.training and query.device.type == "cpu" and position_ids is not None) or (
-        key.shape[2] != length or length < 2
+    # sliding windows, soft-capping and sinks live in the mask or the kernel: those models keep plain SDPA
+    plain = not any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux"))
+    if not (module.training and query.device.type == "cpu" and position_ids is not None and plain) or (
+        key.shape[2] != length or length < 2 or not getattr(module, "is_causal", True)
     ):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
