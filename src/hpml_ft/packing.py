@@ -129,14 +129,12 @@ def packed_sdpa(
     length = query.shape[2]
     # sliding windows, soft-capping and sinks live in the mask or the kernel: those models keep plain SDPA
     plain = not any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux"))
-    if not (module.training and query.device.type == "cpu" and position_ids is not None and plain) or (
-        key.shape[2] != length or length < 2 or not getattr(module, "is_causal", True)
-    ):
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    segments = _segments(position_ids, query.shape[0])
-    if all(len(spans) == 1 for spans in segments):  # nothing packed (e.g. a padded batch): its mask decides
+    eligible = module.training and query.device.type == "cpu" and position_ids is not None and plain
+    eligible = eligible and key.shape[2] == length >= 2 and getattr(module, "is_causal", True)
+    segments = _segments(position_ids, query.shape[0]) if eligible else []
+    if all(
+        len(spans) == 1 for spans in segments
+    ):  # not eligible, or nothing packed (a padded batch): its mask
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )

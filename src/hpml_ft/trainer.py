@@ -157,22 +157,21 @@ def set_packed_layout(cfg: Config, trainer: SFTTrainer) -> None:
     """Packed rows stay rows where attention has no varlen kernel (TRL would flatten them), with per-sample
     attention on CPU; train.padding_free packs each micro-batch's samples the same way (TRL's flattened
     collator under FlashAttention)."""
-    collator = trainer.data_collator
-    pad_id = collator.pad_token_id
-    if getattr(collator, "padding_free", False) and needs_row_layout(trainer.model):
-        trainer.data_collator = packed_rows_collator(pad_id)
-    elif cfg.train.padding_free and not cfg.train.packing:
-        if needs_row_layout(trainer.model):
-            trainer.data_collator = padding_free_collator(pad_id, cfg.train.max_length)
-        else:
-            from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-            trainer.data_collator = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True)
-    else:
+    bfd = getattr(trainer.data_collator, "padding_free", False)  # TRL set it for train.packing (bfd)
+    free = cfg.train.padding_free and not cfg.train.packing
+    if not (bfd or free):
         return
-    rows = needs_row_layout(trainer.model)
+    pad_id, rows = trainer.data_collator.pad_token_id, needs_row_layout(trainer.model)
+    if rows:
+        trainer.data_collator = (
+            packed_rows_collator(pad_id) if bfd else padding_free_collator(pad_id, cfg.train.max_length)
+        )
+    elif free:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        trainer.data_collator = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True)
     per_sample = rows and use_packed_attention(trainer.model)
-    what = "bfd packing" if cfg.train.packing else "padding-free: each micro-batch's samples packed"
+    what = "bfd packing" if bfd else "padding-free: each micro-batch's samples packed"
     print(
         f"[hpml_ft] {what} into rows of <= {cfg.train.max_length} tokens; "
         + ("a batch row per row" if rows else "one flattened sequence per micro-batch (varlen attention)")
