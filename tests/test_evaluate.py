@@ -138,6 +138,13 @@ def test_eval_cli_compares_models_and_loads_each_once(tmp_path, tiny_model_dir, 
     assert names == ["base", "run_a", tiny_model_dir.name] and res["n"] == 2 and res["format"] == "tatqa"
     md = (out / "results.md").read_text()
     assert all(f"| {n} | 2 |" in md for n in names) and "answer_type" in md
+    # every model gets its interval, every model after the first a paired comparison against it
+    first, *rest = res["models"]
+    assert "vs_first" not in first["metrics"] and all(m["metrics"]["vs_first"]["model"] == "base" for m in rest)
+    for m in res["models"]:
+        lo, hi = m["metrics"]["exact_match_ci"]
+        assert lo <= m["metrics"]["exact_match"] <= hi
+    assert "## Against base on the same questions" in md and "95% CI [" in md
     assert md in capsys.readouterr().out
     for m in res["models"]:
         rows = [json.loads(line) for line in (out / m["predictions"]).read_text().splitlines()]

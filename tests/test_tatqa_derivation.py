@@ -159,6 +159,41 @@ def test_executor_falls_back_cleanly_on_hostile_or_malformed_input(text, failed)
     assert isinstance(run.answer, str | list) and isinstance(run.scale, str)
 
 
+# Model outputs that would write MARKER (in the test's working dir) if any part of the executor handed them to
+# Python (eval/exec/compile): bare, inside a derivation with a scale (so they reach the expression parser),
+# through attribute access, a lambda, a comprehension, an f-string, exec, on the last line after extracted values.
+# Each is valid Python that evaluates to a number once the scale is split off: an eval would run it.
+WRITE = "__import__('pathlib').Path('MARKER').write_text('x')"
+SIDE_EFFECTS = [
+    (WRITE, False),
+    (f"{WRITE} | million", False),  # no number before an operator: not derivation-shaped
+    (f"1 + {WRITE} | million", True),
+    (f"(44.1 - 56.7) / 56.7 * 100 + {WRITE} | percent", True),
+    (f"2 * (lambda: {WRITE})() | thousand", True),
+    (f"1 + [{WRITE} for _ in '1'][0] | million", True),
+    ("3 - open('MARKER', 'w').write('x') | million", True),
+    ("3 + (__import__('builtins').exec(\"open('MARKER', 'w').write('x')\") or 1) | million", True),
+    ('10 - len(f"{' + WRITE + '}") | percent', True),
+    (f"Net sales, 2019: 10\nNet sales, 2018: 8\n(10 - 8) / 8 * 100 + {WRITE} | percent", True),
+    ("__import__('os').system('touch MARKER')", False),
+    ("1 + __import__('os').system('touch MARKER') | million", True),
+]
+
+
+@pytest.mark.parametrize(("text", "failed"), SIDE_EFFECTS)
+def test_executor_never_runs_python_in_model_output(text, failed, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = execute(text)
+    assert not (tmp_path / "MARKER").exists()  # nothing was evaluated
+    assert not run.executed and run.failed is failed, run  # derivation-shaped ones fail to parse, and say so
+
+
+def test_count_items_are_counted_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = execute(f"count: {WRITE} | {WRITE}")
+    assert (run.answer, run.executed) == ("2", True) and not (tmp_path / "MARKER").exists()
+
+
 @pytest.mark.parametrize(
     ("text", "answer", "scale"),
     [

@@ -37,16 +37,29 @@ def test_without_proc_a_launcher_default_of_one_is_replaced():
     assert resolve_threads(None, env, parent=None, cores=4)[0] == 4
 
 
+def test_available_cores_are_the_ones_this_process_may_run_on(monkeypatch):
+    """taskset / a cgroup cpuset: the affinity mask counts, not the machine's cores."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 7}, raising=False)
+    assert available_cores() == 3
+
+
 # A launcher process that does what `accelerate launch` does: copy its environment, add OMP_NUM_THREADS=1
-# (only when absent) and the ACCELERATE_* variables, and start the script as its child.
+# (only when absent) and the ACCELERATE_* variables, and start the script as its child. The script owns
+# FAKE_CORES cores: its sched_getaffinity answers that many, neither 1 (the launcher's value) nor this machine's
+# core count, so a one-core machine cannot pass it by chance.
+FAKE_CORES = (os.cpu_count() or 1) + 3
+CHILD = (
+    f"import os; os.sched_getaffinity = lambda pid: set(range({FAKE_CORES})); "
+    "from hpml_ft.threads import apply_cpu_threads; import torch; apply_cpu_threads(); "
+    "print('N', torch.get_num_threads())"
+)
 LAUNCHER = textwrap.dedent(
-    """
+    f"""
     import os, subprocess, sys
     env = os.environ.copy()
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(ACCELERATE_USE_CPU="True", ACCELERATE_MIXED_PRECISION="no")
-    child = "from hpml_ft.threads import apply_cpu_threads; import torch; apply_cpu_threads(); print('N', torch.get_num_threads())"
-    sys.exit(subprocess.run([sys.executable, "-c", child], env=env).returncode)
+    sys.exit(subprocess.run([sys.executable, "-c", {CHILD!r}], env=env).returncode)
     """
 )
 
@@ -62,8 +75,8 @@ def _launched(user_env: dict[str, str]) -> tuple[int, str]:
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads the launcher's env from /proc")
 def test_simulated_accelerate_launch_uses_every_core():
     n, log = _launched({})
-    assert n == available_cores(), log
-    assert "CPU threads" in log and "launcher" in log  # the run log says how many and why
+    assert n == FAKE_CORES, log  # every core it owns: not 1, not the machine's count
+    assert f"CPU threads: {FAKE_CORES} per process" in log and "launcher" in log  # the log says how many, why
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads the launcher's env from /proc")

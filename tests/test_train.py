@@ -132,36 +132,44 @@ def test_full_finetune_changes_base_weights(tiny_model_dir, alpaca_file, tmp_pat
     assert not (run / "adapter").exists()
 
 
-@FP32_MERGE
-def test_dora_merge_matches(tiny_model_dir, alpaca_file, tmp_path):
+# The equality check below is 1e-4; the trained adapter must move the logits far more than that, or a merge that
+# dropped the adapter (merged == base) would pass it. lr 1e-2 for 2 steps moves them by ~0.7 here.
+ADAPTER_MOVES_LOGITS = 0.05
+
+
+def _assert_merge_is_base_plus_adapter(tiny_model_dir, run):
+    """merged/ gives the logits of base + adapter (1e-4), and those differ clearly from the base's."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run, _ = _trained(tiny_model_dir, alpaca_file, tmp_path, "dora", steps=2)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    peft_model = PeftModel.from_pretrained(base, run / "adapter").eval()
-    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
-    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
     ids = torch.randint(0, 300, (2, 10))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
-        assert (peft_model(ids).logits - merged(ids).logits).abs().max().item() < 1e-4
+        base_logits = base(ids).logits  # before PeftModel injects the adapter into `base` in place
+        reference = PeftModel.from_pretrained(base, run / "adapter").eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()(ids).logits
+    assert (reference - base_logits).abs().max().item() > ADAPTER_MOVES_LOGITS  # the adapter really trained
+    assert (merged - base_logits).abs().max().item() > ADAPTER_MOVES_LOGITS  # ... and the merge kept it
+    assert (reference - merged).abs().max().item() < 1e-4
+
+
+@FP32_MERGE
+def test_dora_merge_matches(tiny_model_dir, alpaca_file, tmp_path):
+    run, _ = _trained(tiny_model_dir, alpaca_file, tmp_path, "dora", steps=2)
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    _assert_merge_is_base_plus_adapter(tiny_model_dir, run)
 
 
 @FP32_MERGE
 def test_qlora_trains_in_4bit_and_merges_in_full_precision(tiny_model_dir, alpaca_file, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     run, metrics = _trained(tiny_model_dir, alpaca_file, tmp_path, "qlora", steps=2)
     assert torch.isfinite(torch.tensor(metrics["final_loss"]))
     merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
     assert merged.dtype == torch.float32 and not getattr(merged, "is_quantized", False)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    reference = PeftModel.from_pretrained(base, run / "adapter").eval()
-    ids = torch.randint(0, 300, (1, 10))
-    with torch.no_grad():
-        assert (reference(ids).logits - merged(ids).logits).abs().max().item() < 1e-4
+    _assert_merge_is_base_plus_adapter(tiny_model_dir, run)
 
 
 def test_finished_run_is_not_overwritten(tiny_model_dir, alpaca_file, tmp_path):

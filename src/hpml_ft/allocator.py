@@ -6,7 +6,7 @@ tensors of a few MiB come from the heap instead, and a freed one stays in the pr
 allocated after it is still alive. A training step allocates and frees hundreds of such tensors (activations,
 recomputed layers, gradients, LM-head tiles), so RSS climbs far above the live tensors: TAT-QA LoRA held ~3.0 GB
 between steps with spikes to 4.3 GB, and 1.3-1.4 GB between steps with a 2.7 GB peak once the threshold is pinned
-(README "Performance"). Pinning it (mallopt) turns the adjustment off, as setting MALLOC_MMAP_THRESHOLD_ before
+(docs/performance.md, "Host memory on CPU"). Pinning it (mallopt) turns the adjustment off, as setting MALLOC_MMAP_THRESHOLD_ before
 start would. The price is a page fault per fresh page of every large tensor: +35% step time on that recipe, so
 it is opt-in (`train.release_host_memory`). A user who set that variable (or any glibc tunable) keeps theirs.
 """

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from hpml_ft.config import DTYPE_CHOICES
 from hpml_ft.errors import ArgumentParser, fail, run_cli
 from hpml_ft.merge import set_generation_eos
+from hpml_ft.model import pretrained
 from hpml_ft.outputs import atomic_dir, check_output_target
 
 if TYPE_CHECKING:
@@ -141,11 +142,11 @@ def build_model(ckpt: Path, state: dict[str, Any], dtype: str) -> tuple[PreTrain
         fail(
             f"{ckpt} has no config.json, so the model architecture is unknown; it must be a Trainer checkpoint"
         )
-    config = AutoConfig.from_pretrained(ckpt)
+    config = pretrained(AutoConfig, ckpt)  # consolidate never runs model code
     target = getattr(torch, dtype) if dtype != "auto" else (getattr(config, "dtype", None) or torch.float32)
     target = getattr(torch, target) if isinstance(target, str) else target
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=target)
+        model = pretrained(AutoModelForCausalLM, config, dtype=target)
     tensors = {k: (v.contiguous() if hasattr(v, "contiguous") else v) for k, v in state.items()}
     tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
     result = model.load_state_dict(tensors, strict=False, assign=True)
@@ -166,10 +167,11 @@ def save(model: PreTrainedModel, out: Path, ckpt: Path, tokenizer: Path, record:
     from transformers import AutoTokenizer, GenerationConfig
 
     try:
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+        tok = pretrained(AutoTokenizer, tokenizer)
     except (OSError, ValueError) as err:
         fail(f"no tokenizer in {tokenizer} ({str(err).splitlines()[0][:120]}); pass --tokenizer MODEL_DIR")
-    with atomic_dir(out, record) as tmp:
+    sizes = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}  # tied: once
+    with atomic_dir(out, record, need=sum(sizes.values())) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
         tok.save_pretrained(tmp)
         if (ckpt / "generation_config.json").is_file():
@@ -182,11 +184,11 @@ def verify(out: Path, state: dict[str, torch.Tensor], dtype: torch.dtype) -> int
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).state_dict()
+    loaded = pretrained(AutoModelForCausalLM, out, dtype=dtype).state_dict()
     bad = [
         k for k, v in state.items() if k not in loaded or not torch.equal(loaded[k], v.to(loaded[k].dtype))
     ]
-    if bad or not AutoTokenizer.from_pretrained(out).chat_template:
+    if bad or not pretrained(AutoTokenizer, out).chat_template:
         shutil.rmtree(out)  # a model that does not reload as written must not look complete
         what = (
             f"tensor {bad[0]} differs after reloading" if bad else "the saved tokenizer has no chat template"
@@ -215,7 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=DTYPE_CHOICES,
         help="saved weight dtype (default: the training dtype recorded in config.json)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
     p.add_argument(
         "--no-verify", action="store_true", help="skip loading the result back (saves RAM and time)"
     )
@@ -230,13 +232,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    ckpt, out = Path(args.checkpoint), check_output_target(args.out, "--out")
+    ckpt = Path(args.checkpoint)
+    out = check_output_target(args.out, "--out", [ckpt, args.tokenizer], args.overwrite)
     tag = args.tag or find_tag(ckpt)
     if args.tag and not (ckpt / args.tag).is_dir():
         fail(f"--tag {args.tag}: no such folder in {ckpt}")
     tokenizer = Path(args.tokenizer) if args.tokenizer else ckpt
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        fail(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     check_deepspeed()
     state = fp32_state_dict(ckpt, tag, args.trust_checkpoint)
     model, dtype = build_model(ckpt, state, args.dtype)

@@ -39,11 +39,11 @@ def read_records(path: str, split: str = "train") -> list[Any]:
     return read_located(path, split)[0]
 
 
-def read_text_file(p: Path) -> str:
+def read_text_file(p: Path, expected: str = "a JSON text file; pass a .json/.jsonl file") -> str:
     """A data file's text; binary or non-UTF-8 files are one clear error (file, line, byte)."""
     raw = p.read_bytes()
     if b"\x00" in raw[:8192]:
-        fail(f"{p}: binary data, not a JSON text file; pass a .json/.jsonl file")
+        fail(f"{p}: binary data, not {expected}")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -319,9 +319,20 @@ def token_stats(ds: Dataset, max_length: int) -> dict[str, float]:
     return {"samples": len(lengths), "mean_tokens": sum(lengths) / max(len(lengths), 1), "truncated": cut}
 
 
+def check_answers(samples: list[dict], path: str) -> None:
+    """Training data whose every answer is empty teaches only to stop: refuse it, naming the file."""
+    answers = [m["content"] for s in samples for m in s["messages"] if m["role"] == "assistant"]
+    if answers and not any(str(a or "").strip() for a in answers):
+        fail(
+            f"{path}: every answer in the training data is empty ({len(answers)} answers), so there is nothing "
+            "to learn; fill in the output / assistant texts or point data.path at another file"
+        )
+
+
 def build_train_eval(
     cfg: Config, tok: PreTrainedTokenizerBase, splits: Splits
 ) -> tuple[Dataset, Dataset | None]:
+    check_answers(splits.train, cfg.data.path)
     train = build_dataset(
         training_conversations(splits.train, cfg.data, splits.format), tok, cfg.train.max_length, "training"
     )

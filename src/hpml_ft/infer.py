@@ -1,7 +1,8 @@
 """`python -m hpml_ft.infer`: answer eval samples (--sid), free-form prompts (--prompt) or chat (--chat).
 
-Defaults: the merged model of the latest finished run under outputs/ (else the embedded base model) and the
-eval split of that run's recipe. `--compare base,outputs/run_a,...` answers with several models side by side.
+Defaults: the eval split of the latest finished run under outputs/, answered by the base model and every
+finished run that holds out the same split (e.g. a LoRA and a full-FT run of one data set); without a run, the
+embedded model. `--compare base,outputs/run_a,...` answers with several models side by side.
 
 Over 300 lines: three modes (--sid, --prompt, --chat) share one argument set and one output layout; model
 resolution lives in runs.py, generation in generation.py.
@@ -18,11 +19,11 @@ from hpml_ft import EMBEDDED_MODEL
 from hpml_ft.config import DTYPE_CHOICES, DataConfig, load_config
 from hpml_ft.config import runtime as rt
 from hpml_ft.data import load_samples, load_splits
-from hpml_ft.errors import ArgumentParser, fail, finite_float, run_cli
+from hpml_ft.errors import ArgumentParser, UserError, fail, finite_float, run_cli
 from hpml_ft.eval.scoring import score_answers
 from hpml_ft.eval.tatqa.executor import execute
 from hpml_ft.generation import generate
-from hpml_ft.outputs import latest_finished_run
+from hpml_ft.outputs import finished_runs, latest_finished_run
 from hpml_ft.runs import ModelSpec, load, model_config, resolve, run_config, run_of, with_adapter
 from hpml_ft.tatqa_data import render_table
 from hpml_ft.threads import apply_cpu_threads
@@ -35,7 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     what.add_argument("--prompt", action="extend", nargs="+", help="free-form prompt(s); repeatable")
     what.add_argument("--chat", action="store_true", help="interactive chat, streamed (/reset, /exit)")
     what.add_argument("--system-prompt", help="system message (replaces a sample's own)")
-    model = p.add_argument_group("models (default: the latest finished run's merged model, else 'embedded')")
+    model = p.add_argument_group(
+        "models (default: the base and every finished run under outputs/ sharing the latest run's eval split)"
+    )
     model.add_argument("--model_name_or_path", "--model", help="'embedded', a run dir, model dir or hub id")
     model.add_argument("--adapter", help="LoRA adapter dir (or run dir) applied to the base, unmerged")
     model.add_argument("--compare", help="comma-separated models: base|embedded|RUN_DIR|MODEL_DIR")
@@ -95,7 +98,28 @@ def model_specs(a: argparse.Namespace) -> tuple[list[ModelSpec], Path | None]:
         return [with_adapter(a.adapter, a.model_name_or_path, ref_run)], ref_run
     if a.model_name_or_path:
         return [resolve(a.model_name_or_path, ref_run)], ref_run
-    return [resolve(str(ref_run) if ref_run else EMBEDDED_MODEL)], ref_run
+    if ref_run is None:
+        return [resolve(EMBEDDED_MODEL)], None
+    if a.chat:  # a chat talks to one model: the latest run's
+        return [resolve(str(ref_run))], ref_run
+    return [resolve("base", ref_run), *map(resolve, sibling_runs(ref_run))], ref_run
+
+
+def sibling_runs(ref_run: Path) -> list[str]:
+    """No model named: the finished runs under outputs/ that hold out the same eval split as `ref_run` (the
+    same data section: file, format, fraction, seed), oldest first, so that `--sid N` shows the base and, e.g.,
+    the LoRA and the full-FT run of one data set side by side. A run whose recipe no longer loads is passed
+    over."""
+    want = run_config(ref_run).data
+    runs = []
+    for run in finished_runs(rt.RUNS_DIR):
+        try:
+            same = run == ref_run or run_config(run).data == want
+        except UserError:
+            same = False
+        if same:
+            runs.append(str(run))
+    return runs
 
 
 # ---------------------------------------------------------------- which samples

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpml_ft.config import DTYPE_CHOICES
 from hpml_ft.errors import ArgumentParser, fail, run_cli
-from hpml_ft.model import resolve_model_path
+from hpml_ft.model import pretrained, resolve_model_path
 from hpml_ft.outputs import atomic_dir, check_output_target, require_complete_model
 
 if TYPE_CHECKING:
@@ -47,8 +47,10 @@ def merge_adapter(
     base_path: str | None = None,
     dtype: str = "auto",
     record: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
-    """Load base (unquantized) + adapter, merge_and_unload, save atomically with tokenizer and generation config."""
+    """Load base (unquantized) + adapter, merge_and_unload, save atomically with tokenizer and generation config.
+    Model code runs only for a train recipe that allows it (`trust_remote_code`); the merge CLI never runs it."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,7 +61,7 @@ def merge_adapter(
     base_path = resolve_model_path(base_path or adapter_base(adapter_dir))
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype))
+    base = pretrained(AutoModelForCausalLM, base_path, trust_remote_code, dtype=getattr(torch, dtype))
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     except (RuntimeError, ValueError, KeyError) as err:
@@ -72,24 +74,23 @@ def merge_adapter(
         )
     merged = model.merge_and_unload()
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
-    tok = AutoTokenizer.from_pretrained(str(tok_src))
+    tok = pretrained(AutoTokenizer, tok_src, trust_remote_code)
     rec = {"base_model": base_path, "adapter": str(adapter_dir), **(record or {})}
-    with atomic_dir(Path(out), rec) as tmp:
+    sizes = {t.data_ptr(): t.numel() * t.element_size() for t in merged.state_dict().values()}  # tied: once
+    with atomic_dir(Path(out), rec, need=sum(sizes.values())) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         set_generation_eos(tmp, tok)
     return Path(out)
 
 
-def check_not_overlapping(out: Path, inputs: list[Path]) -> None:
-    """Refuse an output that equals, contains or lies inside an input: --overwrite would delete the input."""
-    o = out.resolve()
-    for src in inputs:
-        if not src.exists():
-            continue
-        i = src.resolve()
-        if o == i or o in i.parents or i in o.parents:
-            fail(f"--out {out} overlaps the input {src}; write the merged model to a separate directory")
+def merge_inputs(adapter: str, base: str | None) -> list[str | None]:
+    """What a merge reads: the adapter, and the base given or recorded in the adapter."""
+    try:
+        recorded = adapter_base(Path(adapter))
+    except (OSError, ValueError, AttributeError):
+        recorded = None  # no readable adapter_config.json: merge_adapter says so in one line
+    return [adapter, base, recorded]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,14 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="where to write the merged model")
     p.add_argument("--base", default=None, help="base model (default: the adapter's recorded base)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
     args = p.parse_args(argv)
-    out = check_output_target(args.out, "--out")
-    check_not_overlapping(out, [Path(args.adapter)] + ([Path(args.base)] if args.base else []))
-    if (out / "run.json").exists():
-        fail(f"{out} is a training run directory, not a model directory; pass e.g. --out {out / 'merged2'}")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        fail(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    out = check_output_target(args.out, "--out", merge_inputs(args.adapter, args.base), args.overwrite)
     merge_adapter(args.adapter, out, args.base, args.dtype)
     print(f"merged model written to {out}")
     return 0

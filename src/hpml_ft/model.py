@@ -1,19 +1,25 @@
-"""Resolve, load and wrap models: embedded alias, quantized loading, PEFT adapters."""
+"""Resolve, load and wrap models: embedded alias, quantized loading, PEFT adapters.
+
+Over 300 lines: every model, config and tokenizer load of the package goes through `pretrained` here, so that
+the trust_remote_code rule has one home next to the loaders that use it.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from hpml_ft import EMBEDDED_MODEL
 from hpml_ft.config import Config, ModelConfig
 from hpml_ft.errors import fail
 from hpml_ft.lora import lora_config
+from hpml_ft.meta_ckpt import converted_dir, is_meta_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -51,8 +57,8 @@ def embedded_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"[hpml_ft] converting {gguf.name} to safetensors in {target} (once)")
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = pretrained(AutoTokenizer, gguf.parent, gguf_file=gguf.name)
+    model = pretrained(AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name)
     # The GGUF loader leaves quantizer state behind; a plain fp32 checkpoint must not carry it.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -72,12 +78,15 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """'embedded' -> cached local dir; an existing dir -> itself; else a hub id (must be in the local HF cache).
+    """'embedded' -> cached local dir; a Meta checkpoint dir (params.json + consolidated.*.pth) -> its cached HF
+    conversion (meta_ckpt.py); an existing dir -> itself; else a hub id (must be in the local HF cache).
     The low-level step of `hpml_ft.runs` (run dirs, adapters, 'base'): callers resolve names through runs."""
     if name_or_path == EMBEDDED_MODEL:
         return str(embedded_model_dir())
     p = Path(name_or_path)
     if p.exists():
+        if is_meta_checkpoint(p):
+            return str(converted_dir(p, cache_dir()))
         if not (p / "config.json").is_file():
             fail(f"{p} has no config.json; point model.name_or_path at a saved HF model directory")
         check_weight_files(p)
@@ -93,7 +102,6 @@ def check_weight_files(path: str | Path) -> None:
     """Cheap integrity check of a local model/adapter dir, before any load: every safetensors header must
     parse and cover its file, a sharded index must name shards that exist, a .bin must be a whole zip.
     A truncated download or copy then fails in one line instead of a traceback deep in the loader."""
-    import json
     import zipfile
 
     from safetensors import SafetensorError, safe_open
@@ -198,23 +206,48 @@ def bnb_config(cfg: Config) -> BitsAndBytesConfig | None:
     )
 
 
-def refuse_remote_code(path: str, err: ValueError) -> None:
-    """transformers refuses a model whose own code was not trusted: say which flag allows it (or re-raise)."""
-    if "trust_remote_code" not in str(err):
-        raise err
+def refuse_remote_code(path: Any) -> NoReturn:
     fail(
-        f"{path} ships its own Python code (auto_map in its config), which is not run by default; if you "
-        "trust this model, pass --trust-remote-code on the command line (a run's record never enables it)"
+        f"{path} ships its own Python code (auto_map in its config), which hpml_ft runs only when you allow it: "
+        "--trust-remote-code on infer/eval, model.trust_remote_code=true in a train/bench recipe (merge, "
+        "quantize, consolidate and serve never run it; a run's record never enables it)"
     )
+
+
+def needs_model_code(path: str | Path) -> bool:
+    """A local model dir that only its own code can build: an auto_map and a model_type transformers does not
+    know (a known model_type beside an auto_map loads with the library's code, none of the model's)."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # no local config: the loader decides, with trust_remote_code explicit
+    auto = config.get("auto_map") if isinstance(config, dict) else None
+    return bool(auto) and config.get("model_type") not in CONFIG_MAPPING
+
+
+def pretrained(loader: Any, source: Any, trust_remote_code: bool = False, **kwargs: Any) -> Any:
+    """Every `loader.from_pretrained(path)` (`from_config` for a config) of hpml_ft: trust_remote_code is always a
+    real bool, so transformers never asks 'run custom code? [y/N]' (a piped `y` would run it). It is True only
+    from the user's own flag (runs.model_config) or train recipe; else model code is refused in one line."""
+    trust, local = trust_remote_code is True, isinstance(source, str | Path)
+    if not trust and local and needs_model_code(source):
+        refuse_remote_code(source)
+    try:
+        load = loader.from_pretrained if local else loader.from_config
+        return load(str(source) if local else source, trust_remote_code=trust, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        refuse_remote_code(source if local else getattr(source, "name_or_path", "the model"))
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as err:
-        refuse_remote_code(path, err)
+        tok = pretrained(AutoTokenizer, path, trust_remote_code)
     except OSError as err:  # hub id not cached and no network, gated repo, ...
         first = str(err).strip().splitlines()[0][:160]
         fail(
@@ -232,11 +265,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
     dtype = torch_dtype(cfg.model)
-    kwargs: dict[str, Any] = {
-        "dtype": dtype,
-        "attn_implementation": attn_implementation(cfg.model, dtype),
-        "trust_remote_code": cfg.model.trust_remote_code,
-    }
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation(cfg.model, dtype)}
     quant = bnb_config(cfg)
     if quant is not None:
         kwargs["quantization_config"] = quant
@@ -248,7 +277,7 @@ def build_model(cfg: Config, path: str | None = None) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     path = path or resolve_model_path(cfg.model.name_or_path)
-    return AutoModelForCausalLM.from_pretrained(path, **model_kwargs(cfg))
+    return pretrained(AutoModelForCausalLM, path, cfg.model.trust_remote_code, **model_kwargs(cfg))
 
 
 def load_causal_lm(path: str, mcfg: ModelConfig | None = None) -> PreTrainedModel:
@@ -259,15 +288,10 @@ def load_causal_lm(path: str, mcfg: ModelConfig | None = None) -> PreTrainedMode
     mcfg = mcfg or ModelConfig()
     dtype = torch_dtype(mcfg)
     check_weight_files(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=dtype,
-            attn_implementation=attn_implementation(mcfg, dtype),
-            trust_remote_code=mcfg.trust_remote_code,
-        )
-    except ValueError as err:
-        refuse_remote_code(path, err)
+    attn = attn_implementation(mcfg, dtype)
+    model = pretrained(
+        AutoModelForCausalLM, path, mcfg.trust_remote_code, dtype=dtype, attn_implementation=attn
+    )
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
@@ -284,7 +308,18 @@ def wrap_peft(model: PreTrainedModel, cfg: Config, gradient_checkpointing: bool 
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    return get_peft_model(model, lora_config(cfg.peft))
+    try:
+        return get_peft_model(model, lora_config(cfg.peft))
+    except ValueError as err:  # peft's NoMatchingPeftModuleError
+        if "not found in the base model" not in str(err):
+            raise
+        names = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"}
+        )
+        fail(
+            f"peft.target_modules={list(cfg.peft.target_modules)} names no module of the model; its linear "
+            f"layers are {', '.join(names)} (or use peft.target_modules=all-linear)"
+        )
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -2,7 +2,12 @@
 
 Every artifact (adapter, merged model, consolidated model) is written into a hidden temporary directory and
 renamed into place only when complete, carrying `hpml_ft.json` (what it is, the recipe, versions, metrics).
-A run directory is finished when its `run.json` exists; it is written last.
+A run directory is finished when its `run.json` exists; it is written last. Temp names carry `<pid>@<host>`:
+a failed or stopped write removes its own (`staged`), the next write to the same target removes a killed
+process's (`sweep_stale`). `check_output_target` is the one output rule of every command.
+
+Over 300 lines: every rule about writing (atomic writes, staging cleanup, the output rule, run-dir locks and
+swaps) lives in this one module, so that no command grows its own variant.
 """
 
 from __future__ import annotations
@@ -12,14 +17,17 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
+import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hpml_ft.errors import fail
+from hpml_ft.config import redact, redact_text
+from hpml_ft.errors import disk_full_message, fail, is_disk_full, note_output, uninterrupted
 from hpml_ft.model import check_weight_files
 
 RUN_RECORD = "run.json"
@@ -45,48 +53,108 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged(tmp: Path, target: Path, need: int | None = None) -> Iterator[Path]:
+    """Remove the temp file/dir `tmp` when writing `target` through it fails or is stopped (error, Ctrl-C,
+    SIGTERM: see errors.run_cli); a full disk becomes one error line naming `target` (and `need`, in bytes)."""
+    try:
+        yield tmp
+    except BaseException as err:
+        _remove(tmp)
+        if is_disk_full(err):
+            fail(disk_full_message(target, need))
+        raise
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """A temp file beside `path` renamed over it when complete, with the mode a plain open() gives it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with staged(Path(tmp), path), os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 would lock out a team sharing the run dir
+        f.write(text)
+        f.close()
+        os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    _write_atomic(Path(path), json.dumps(redact(data), indent=2, default=str) + "\n")  # secrets as ***
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    _write_atomic(Path(path), redact_text(text))  # URL passwords and bearer keys as ***
+
+
+def _owner() -> str:
+    """`<pid>@<host>` in a staging name, so that a later write to the same target knows when it is stale."""
+    return f"{os.getpid()}@{re.sub(r'[^A-Za-z0-9]', '_', socket.gethostname())}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale(target: Path) -> None:
+    """Remove what a process killed while writing `target` left beside it (kill -9: no cleanup ran): its
+    staging dir, or the old result it had set aside, which goes back in place when nothing replaced it."""
+    host = _owner().partition("@")[2]
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)@(\w+)(-|$)")
+    for path in target.parent.glob(f".{target.name}.*"):
+        found = pattern.match(path.name)
+        if not found or found[3] != host or _alive(int(found[2])):
+            continue  # not ours, another machine's (pids mean nothing here), or still being written
+        if found[1] == "old" and not target.exists():
+            os.replace(path, target)
+        else:
+            _remove(path)
 
 
 def finalize_dir(staging: Path, target: Path, record: dict[str, Any] | None = None) -> Path:
     """Write the artifact record into a fully written `staging` dir, then rename it to `target`."""
     rec = {"kind": target.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions()}
     write_json_atomic(Path(staging) / ARTIFACT_RECORD, {**rec, **(record or {})})
-    os.chmod(staging, 0o755)  # mkdtemp makes 0700 directories; artifacts are meant to be shared
-    aside = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():  # rename the old one aside first: a crash here never leaves neither
-        os.replace(target, aside)
-    os.replace(staging, target)
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700 directories; give the mode mkdir would
+    aside = target.parent / f".{target.name}.old-{_owner()}"
+    with uninterrupted():  # SIGTERM waits for both renames
+        if target.exists():  # rename the old one aside first: a crash here never leaves neither
+            os.replace(target, aside)
+        os.replace(staging, target)
     shutil.rmtree(aside, ignore_errors=True)
     return target
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path, record: dict[str, Any] | None = None) -> Iterator[Path]:
-    """Yield a temp dir beside `target`; on success finalize it as `target`, on error remove it."""
+def atomic_dir(target: Path, record: dict[str, Any] | None = None, need: int | None = None) -> Iterator[Path]:
+    """Yield a temp dir beside `target`; on success finalize it as `target`; on error or SIGTERM remove it.
+    `need` (bytes, when known) is checked against the free space before anything is written."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    sweep_stale(target)
+    if need and shutil.disk_usage(target.parent).free < need:
+        fail(disk_full_message(target, need))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{_owner()}-"))
+    with staged(tmp, target, need):
         yield tmp
         finalize_dir(tmp, target, record)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def require_complete_model(path: str | Path, what: str = "model") -> Path:
@@ -110,21 +178,43 @@ def require_complete_model(path: str | Path, what: str = "model") -> Path:
     fail(f"{p} is not a saved {what} (no config.json or adapter_config.json)")
 
 
+def finished_runs(root: str | Path = "outputs") -> list[Path]:
+    """The finished run directories under `root` (those with a run.json), oldest first."""
+    runs = [r.parent for r in Path(root).glob(f"*/{RUN_RECORD}")]
+    return sorted(runs, key=lambda r: (r / RUN_RECORD).stat().st_mtime)
+
+
 def latest_finished_run(root: str | Path = "outputs") -> Path | None:
     """The most recently finished run directory under `root` (by its run.json), or None."""
-    runs = [r.parent for r in Path(root).glob(f"*/{RUN_RECORD}")]
-    return max(runs, key=lambda r: (r / RUN_RECORD).stat().st_mtime) if runs else None
+    runs = finished_runs(root)
+    return runs[-1] if runs else None
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / RUN_RECORD).read_text())
+    """A finished run's record; a damaged one (not a JSON object) is one error line, for every command."""
+    path = Path(run_dir) / RUN_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        fail(f"{path} is not a valid run record ({str(err)[:80]}); restore it or rerun the training")
+    if not isinstance(record, dict):
+        fail(f"{path} is not a valid run record (a JSON {type(record).__name__}, not an object); restore it")
+    return record
 
 
-def check_output_target(path: str | Path, what: str = "output directory") -> Path:
-    """Refuse, before any work, an output location that is a file or cannot be created/written.
+def check_output_target(
+    path: str | Path,
+    what: str = "output directory",
+    inputs: Iterable[str | Path | None] = (),
+    overwrite: bool | None = None,
+) -> Path:
+    """The output rule of every command that writes a result, checked before any work:
 
-    Walks up to the first existing ancestor: that must be a writable directory, so the real write at the end
-    of a long job cannot fail on the location.
+    - the location is a directory that can be created and written (walking up to the first existing
+      ancestor, so the real write at the end of a long job cannot fail on it);
+    - it never overlaps one of the command's `inputs` (see `check_not_input`), --overwrite or not;
+    - an existing result is replaced only with --overwrite (`overwrite`; None where the caller keeps its own
+      rule, as train does for run dirs), and never a training run dir or a folder hpml_ft did not write.
     """
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -138,7 +228,30 @@ def check_output_target(path: str | Path, what: str = "output directory") -> Pat
         fail(f"{what} {p} cannot be created: {probe} is a file; pass another path")
     if not os.access(probe, os.W_OK | os.X_OK):
         fail(f"{what} {p} is not writable ({probe} denies writes); pass a writable path")
+    check_not_input(p, inputs, what)
+    if overwrite is not None and p.is_dir() and any(p.iterdir()):
+        if (p / RUN_RECORD).exists():
+            fail(f"{what} {p} is a training run directory; write the result elsewhere, e.g. {p / 'results'}")
+        if not any((p / name).is_file() for name in (ARTIFACT_RECORD, "results.json")):
+            fail(f"{what} {p} exists and holds files hpml_ft did not write; pick a new folder")
+        if not overwrite:
+            fail(f"{what} {p} already holds a result; pass --overwrite to replace it or pick another folder")
+    note_output(p)  # a full disk later is reported at this location
     return p
+
+
+def check_not_input(target: str | Path, inputs: Iterable[str | Path | None], what: str) -> None:
+    """Refuse a target equal to, containing or inside an input of the command: replacing it would delete
+    the input (a run training from its own merged/, a model quantized into itself), or writing would change
+    it while it is read."""
+    out = Path(target).resolve()
+    for src in inputs:
+        if not src or not Path(src).exists():
+            continue  # a hub id or 'embedded': nothing on disk to overlap
+        i = Path(src).resolve()
+        if out == i or out in i.parents or i in out.parents:
+            why = "is" if out == i else "contains" if out in i.parents else "lies inside"
+            fail(f"{what} {target} overlaps the input {src} (it {why} it); write somewhere outside it")
 
 
 # ---------------------------------------------------------------- run directories: lock, states, swap
@@ -227,7 +340,13 @@ def promote_run(staged: Path, target: Path) -> None:
 def recover_replaced(target: Path) -> None:
     """A kill between promote_run's two renames leaves only `.NAME.replaced`: put the old run back."""
     aside = target.parent / f".{target.name}.replaced"
-    if aside.exists() and not target.exists():
+    if not aside.exists():
+        return
+    state = run_state(target)
+    if state == "empty":  # nothing, or an empty dir another rank made first: the old run goes back
+        if target.exists():
+            target.rmdir()
         os.replace(aside, target)
-    elif aside.exists():
+    elif state == "finished":  # the swap completed: the old copy is no longer needed
         shutil.rmtree(aside, ignore_errors=True)
+    # anything else in place: keep both, never delete the only complete copy

@@ -15,7 +15,8 @@ import sys
 
 from hpml_ft.config import runtime as rt
 from hpml_ft.errors import ArgumentParser, fail, run_cli
-from hpml_ft.outputs import ARTIFACT_RECORD, check_output_target
+from hpml_ft.model import pretrained
+from hpml_ft.outputs import check_output_target
 from hpml_ft.quant.measure import measure_in_subprocess
 from hpml_ft.quant.ptq import check_spec, check_torchao, dir_size_mib, quantize_dir
 from hpml_ft.runs import standalone_dir
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quantize-embeddings", action="store_true", help="also quantize input embeddings and LM head"
     )
     p.add_argument("--no-measure", action="store_true", help="skip the load / speed / memory measurement")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
     return p.parse_args(argv)
 
 
@@ -52,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     check_spec(args.bits, args.group_size)
     check_torchao()
     src = standalone_dir(args.model, "quantize")  # fails with one line on an unknown model
-    out = check_output_target(args.out, "--out")
-    if out.is_dir() and any(out.iterdir()) and "quantization" not in _record(out):
-        fail(f"--out {out} exists and is not an earlier quantize result; pick a new folder")
+    out = check_output_target(args.out, "--out", [args.model, src], args.overwrite)
     _check_groups(src, args.group_size)
     print(f"[hpml_ft] quantizing {src} to int{args.bits} (group {args.group_size}) -> {out}", file=sys.stderr)
     rec = quantize_dir(src, Path(out), args.bits, args.group_size, args.symmetric, args.quantize_embeddings)
@@ -67,18 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _record(path) -> dict:
-    try:
-        return json.loads((path / ARTIFACT_RECORD).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _check_groups(src: str, group_size: int) -> None:
     """Group size against the model's layer sizes, from config.json only (no weights loaded)."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(src)
+    cfg = pretrained(AutoConfig, src)  # quantize never runs model code: one line for a model that needs it
+    if getattr(cfg, "quantization_config", None):  # transformers cannot re-quantize it (NotImplementedError)
+        fail(
+            f"{src} is already quantized (quantization_config in its config.json); quantize its "
+            "full-precision source instead (hpml_ft.json names it under quantization.source)"
+        )
     for key in ("hidden_size", "intermediate_size"):
         size = getattr(cfg, key, None)
         if isinstance(size, int) and size % group_size:

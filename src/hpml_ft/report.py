@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from hpml_ft.config import ADAPTER_METHODS, Config, dump_config, world_size
 from hpml_ft.data import token_stats
 from hpml_ft.lora import lora_config
-from hpml_ft.model import count_parameters
+from hpml_ft.model import count_parameters, pretrained
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -18,9 +18,9 @@ def parameter_counts(cfg: Config, model_path: str) -> tuple[int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    mcfg = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    mcfg = pretrained(AutoConfig, model_path, cfg.model.trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(mcfg)
+        model = pretrained(AutoModelForCausalLM, mcfg, cfg.model.trust_remote_code)
     if cfg.peft.method in ADAPTER_METHODS:
         from peft import get_peft_model
 

@@ -8,6 +8,7 @@ atomically (outputs.py): run.json, written last, is what marks the run finished.
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from hpml_ft.generation import generate
 from hpml_ft.lora import convert_saved_adapter, save_initial_adapter
 from hpml_ft.merge import merge_adapter, set_generation_eos
 from hpml_ft.model import build_model, count_parameters, wrap_peft
-from hpml_ft.outputs import RUN_RECORD, finalize_dir, versions, write_json_atomic, write_text_atomic
+from hpml_ft.outputs import RUN_RECORD, finalize_dir, staged, versions, write_json_atomic, write_text_atomic
 from hpml_ft.quant.qat import attach_distillation, convert_run, prepare_qat, rounded_once, strip_fake_quant
 from hpml_ft.report import model_card
 from hpml_ft.trainer import InterruptCallback, build_trainer, sft_config
@@ -250,19 +251,27 @@ def save_artifacts(
     run_dir = Path(trainer.args.output_dir).parent  # the run dir (a staging dir while overwriting)
     peft = cfg.peft.method in ADAPTER_METHODS
     name = "adapter" if peft else "merged"
-    staging = run_dir / f".{name}.tmp"
-    trainer.save_model(str(staging))  # every rank calls this: DeepSpeed gathers shards here
-    if not trainer.accelerator.is_main_process:
-        return {}
-    convert_saved_adapter(trainer.model, staging, init_adapter)  # PiSSA/OLoRA -> plain LoRA on the base
-    tok.save_pretrained(staging)
-    if not peft:
-        set_generation_eos(staging, tok)
-    finalize_dir(staging, run_dir / name, record)
+    staging, main = run_dir / f".{name}.tmp", trainer.accelerator.is_main_process
+    if main:  # the run dir is locked by this process: a staging dir found here is a dead process's
+        shutil.rmtree(staging, ignore_errors=True)
+    with staged(staging, run_dir / name):  # an error, SIGTERM or full disk leaves no half-written model
+        trainer.save_model(str(staging))  # every rank calls this: DeepSpeed gathers shards here
+        if not main:
+            return {}
+        convert_saved_adapter(trainer.model, staging, init_adapter)  # PiSSA/OLoRA -> plain LoRA on the base
+        tok.save_pretrained(staging)
+        if not peft:
+            set_generation_eos(staging, tok)
+        finalize_dir(staging, run_dir / name, record)
     artifacts = {name: name}
     if peft and cfg.train.merge:
         merge_adapter(
-            run_dir / "adapter", run_dir / "merged", base_path=base_path, dtype=cfg.model.dtype, record=record
+            run_dir / "adapter",
+            run_dir / "merged",
+            base_path=base_path,
+            dtype=cfg.model.dtype,
+            record=record,
+            trust_remote_code=cfg.model.trust_remote_code,  # the recipe's own setting, as train loaded the base
         )
         artifacts["merged"] = "merged"
     return artifacts

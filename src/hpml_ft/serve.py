@@ -20,6 +20,7 @@ from pathlib import Path
 from hpml_ft.config import DTYPE_CHOICES
 from hpml_ft.config import runtime as rt
 from hpml_ft.errors import ArgumentParser, fail, run_cli
+from hpml_ft.model import needs_model_code, refuse_remote_code
 from hpml_ft.outputs import latest_finished_run
 from hpml_ft.runs import standalone_dir
 
@@ -47,7 +48,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if not 0 < a.port < 65536:
         fail(f"--port {a.port} is not a TCP port (1-65535)")
+    check_device(a.device)
     return a
+
+
+def check_device(device: str) -> None:
+    """--device names a device this machine has ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'), checked here: the
+    server would fail on it with a traceback after loading the model."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    count = {"cpu": 1, "cuda": torch.cuda.device_count()}
+    count["mps"] = int(torch.backends.mps.is_available())
+    if dev is None or (dev.index or 0) >= count.get(dev.type, 0):
+        have = ", ".join(
+            ["auto", "cpu"] + [f"cuda:{i}" for i in range(count["cuda"])] + ["mps"] * count["mps"]
+        )
+        fail(f"--device {device} is not a device of this machine; use one of: {have}")
 
 
 def model_dir(target: str | None) -> Path:
@@ -64,6 +86,8 @@ def model_dir(target: str | None) -> Path:
         fail(f"{target} is not a local model directory; pass a run dir, a saved model dir or 'embedded'")
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         fail(f"{p} has no tokenizer files; save the tokenizer next to the model (tok.save_pretrained)")
+    if needs_model_code(p):  # `transformers serve` runs without --trust-remote-code: say so before it starts
+        refuse_remote_code(p)
     return p.resolve()
 
 

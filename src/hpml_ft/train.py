@@ -21,6 +21,7 @@ from hpml_ft.errors import ArgumentParser, fail, run_cli
 from hpml_ft.lora import lora_config
 from hpml_ft.model import attn_implementation, check_bitsandbytes, load_tokenizer, torch_dtype
 from hpml_ft.outputs import (
+    check_not_input,
     check_output_target,
     lock_run,
     promote_run,
@@ -52,9 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_environment(cfg: Config) -> None:
     """Checks that need no model: precision, attention, optional packages, DeepSpeed JSON, tracking backends,
     and the TRL/PEFT settings themselves (SFTConfig / LoraConfig are built once here, without a model)."""
-    from hpml_ft.trainer import precision_flags  # imports torch
+    from hpml_ft.trainer import check_hub_push, precision_flags  # imports torch
 
     precision_flags(cfg)  # fp16/bf16 asked for on a machine that cannot run it
+    check_hub_push(cfg)  # push_to_hub offline or without a usable token
     # FlashAttention-2 asked for without flash-attn/CUDA
     attn_implementation(cfg.model, torch_dtype(cfg.model))
     if cfg.quantized_4bit or cfg.model.load_in_8bit or cfg.train.optimizer != "adamw_torch":
@@ -175,6 +177,15 @@ def prepare_run_dir(cfg: Config) -> tuple[Path, str | None]:
     return run_dir, None
 
 
+def check_run_inputs(cfg: Config, model_path: str) -> None:
+    """The run dir is written into and, with train.overwrite, replaced: it must not be, hold or lie inside
+    what the run reads (its base model or the run that base comes from, its data, another run's checkpoint)."""
+    resume = cfg.train.resume
+    own = resume in (None, "auto") or Path(resume).resolve().is_relative_to(cfg.run_dir.resolve())
+    inputs = [cfg.model.name_or_path, model_path, cfg.data.path, cfg.data.eval_path, cfg.train.deepspeed]
+    check_not_input(cfg.run_dir, [*inputs, None if own else resume], "the run directory")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.recipe, args.overrides)
@@ -183,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     check_output_target(cfg.train.output_dir, "train.output_dir")  # a file or read-only dir: fail now
     splits = load_splits(cfg.data)
     model_path = base_model_path(cfg.model.name_or_path)  # a finished run dir: its merged/ model
+    check_run_inputs(cfg, model_path)
     tok = load_tokenizer(model_path, cfg.model.trust_remote_code)
     train_ds, eval_ds = build_train_eval(cfg, tok, splits)
     if args.dry_run:

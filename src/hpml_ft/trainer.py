@@ -4,6 +4,7 @@ masks (data.py)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 
 from hpml_ft.config import Config
+from hpml_ft.config.load import REDACTED, is_secret_key
 from hpml_ft.errors import fail
 from hpml_ft.lora import loraplus_optimizer
 from hpml_ft.packing import (
@@ -97,10 +99,45 @@ def sft_config(cfg: Config, accum: int, run_dir: Path | None = None) -> SFTConfi
     from trl import SFTConfig
 
     try:
-        return SFTConfig(**sft_arguments(cfg, accum, run_dir), **cfg.train.sft_extra)
+        return SFTConfig(**sft_arguments(cfg, accum, run_dir), **without_secrets(cfg.train.sft_extra))
     except (ValueError, TypeError) as err:
         why = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         fail(f"trl.SFTConfig refused the training arguments ({why}); fix train.sft_extra or the train: keys")
+
+
+def check_hub_push(cfg: Config) -> None:
+    """train.sft_extra.push_to_hub needs the Hub: refused before any model loads when offline or when the Hub
+    does not accept the token in play, instead of a traceback when the trainer creates the repo."""
+    extra = cfg.train.sft_extra
+    if not extra.get("push_to_hub"):
+        return
+    from huggingface_hub import constants, whoami
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline or constants.HF_HUB_OFFLINE:
+        fail(
+            "train.sft_extra.push_to_hub=true needs the Hugging Face Hub, but offline mode is on "
+            "(HF_HUB_OFFLINE); unset it, or drop push_to_hub and upload the run's merged/ later"
+        )
+    token = extra.get("hub_token")
+    try:
+        whoami(token=token if token and token != REDACTED else None)
+    except Exception as err:  # noqa: BLE001 - no network, no token, a revoked one: the push would fail
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        fail(
+            f"train.sft_extra.push_to_hub=true, but the Hugging Face Hub cannot be used ({why}); check the "
+            "network and log in (HF_TOKEN or `hf auth login`), or drop push_to_hub"
+        )
+
+
+def without_secrets(extra: dict[str, Any]) -> dict[str, Any]:
+    """`train.sft_extra` minus its secrets, which would otherwise be pickled into every training_args.bin (shared
+    with the model): a hub_token goes to the environment (HF_TOKEN), where push_to_hub finds it; a recorded
+    `***` is dropped (set HF_TOKEN instead)."""
+    token = extra.get("hub_token")
+    if isinstance(token, str) and token and token != REDACTED:
+        os.environ["HF_TOKEN"] = token
+    return {k: v for k, v in extra.items() if not is_secret_key(k)}
 
 
 class InterruptCallback(TrainerCallback):

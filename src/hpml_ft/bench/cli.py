@@ -8,7 +8,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpml_ft.bench.report import metadata, print_json_line, write_results
+from hpml_ft.bench.report import (
+    add_docs_args,
+    check_docs,
+    docs_block,
+    metadata,
+    print_json_line,
+    write_docs,
+    write_results,
+)
 from hpml_ft.config import TRAIN_METHODS, load_config
 from hpml_ft.config import runtime as rt
 from hpml_ft.errors import ArgumentParser, fail
@@ -20,13 +28,15 @@ ON_OFF = {"off": False, "on": True}
 USAGE = """python -m hpml_ft.bench train     [--recipe R] [overrides] [--methods ...] [--packing off,on] ...
 python -m hpml_ft.bench generate  [--model embedded|DIR|RUN] [--batches 1,16] [--in-tokens 256] ...
 python -m hpml_ft.bench lowbit    ... (hpml_ft.quant.bench: PTQ / QAT low-bit models)
-python -m hpml_ft.bench all       [--out DIR]   (the README Performance tables, CPU defaults)"""
+python -m hpml_ft.bench all       [--out DIR]   (the docs/performance.md tables, CPU defaults)
+any of them + --docs FILE [--docs-tag TAG]: write the tables into FILE between <!-- bench:KIND[:TAG] --> markers"""
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="result folder (default outputs/bench/<bench>-<date-time>)")
     p.add_argument("--profile", action="store_true", help="torch.profiler Chrome trace + top-15 operators")
     p.add_argument("--repeats", type=int, default=rt.BENCH_REPEATS, help="generate: timed repeats (median)")
+    add_docs_args(p)
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -185,13 +195,16 @@ def main(argv: list[str] | None = None) -> int:
         print_json_line(measure(json.loads(Path(argv[1]).read_text())))
         return 0
     args = parse_args(argv)
+    kinds = ["train", "generate"] if args.bench == "all" else [args.bench]
+    if args.docs:  # a doc without its markers fails now, not after the benchmark
+        check_docs(args.docs, [docs_block(k, args.docs_tag) for k in kinds])
     out = out_dir(args)
     check_inputs(args)
-    kinds = ["train", "generate"] if args.bench == "all" else [args.bench]
-    failed, parts = [], []
+    failed, parts, tables = [], [], {}
     for kind in kinds:
         md, rows = run_bench(kind, args, out / kind if args.bench == "all" else out, argv)
         parts.append(f"### {kind}\n\n{md}")
+        tables[docs_block(kind, args.docs_tag)] = md
         failed += [
             f"{kind} {r.get('config') or r.get('label')}: {r['status']}"
             for r in rows
@@ -199,9 +212,16 @@ def main(argv: list[str] | None = None) -> int:
         ]
     if args.bench == "all":
         write_text_atomic(out / "performance.md", "\n".join(parts))
-        print(f"[bench] README tables: {out / 'performance.md'}", file=sys.stderr)
+        print(f"[bench] all tables: {out / 'performance.md'}", file=sys.stderr)
     print(f"[bench] results in {out}", file=sys.stderr)
     if failed:
         print("error: some configurations failed:\n  " + "\n  ".join(failed), file=sys.stderr)
+        if args.docs:
+            print(
+                f"[bench] {args.docs} left as it was (a table with failed rows is not written)",
+                file=sys.stderr,
+            )
         return 1
+    if args.docs:
+        write_docs(args.docs, tables)
     return 0

@@ -1,9 +1,12 @@
 """Bench results: JSON + markdown table + PNG chart, with machine, versions, git commit, command and date;
-and the torch.profiler output (Chrome trace + top-15 operators) written next to them."""
+the torch.profiler output (Chrome trace + top-15 operators) written next to them; and `--docs FILE`: the same
+markdown written into a doc between its `<!-- bench:<block> -->` and `<!-- /bench:<block> -->` markers."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -13,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hpml_ft.errors import fail
 from hpml_ft.outputs import versions, write_json_atomic, write_text_atomic
 
 
@@ -81,6 +85,62 @@ def header_line(meta: dict[str, Any]) -> str:
         f"`{meta['command']}`  \n{meta['machine']}; torch {v.get('torch')}, transformers "
         f"{v.get('transformers')}, trl {v.get('trl')}; commit {meta['git_commit']}; {meta['date']}"
     )
+
+
+def add_docs_args(p: argparse.ArgumentParser) -> None:
+    """--docs / --docs-tag of every bench (`bench lowbit` included)."""
+    p.add_argument(
+        "--docs",
+        metavar="FILE",
+        help="also write the table(s) into FILE between <!-- bench:KIND --> and <!-- /bench:KIND --> markers "
+        "(KIND train / generate / lowbit; checked before anything runs)",
+    )
+    p.add_argument(
+        "--docs-tag", metavar="TAG", help="use the markers bench:KIND:TAG (several tables of a kind)"
+    )
+
+
+def docs_block(kind: str, tag: str | None) -> str:
+    """The marker name of a bench's table in a doc: `train`, or `train:packing` with --docs-tag packing."""
+    return f"{kind}:{tag}" if tag else kind
+
+
+def _block_span(text: str, block: str) -> tuple[int, int] | None:
+    """(start, end) of the text between the block's begin and end markers, when each occurs once, in order."""
+    begin, end = f"<!-- bench:{block} -->", f"<!-- /bench:{block} -->"
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        return None
+    return text.index(begin) + len(begin), text.index(end)
+
+
+def check_docs(path: str | Path, blocks: list[str]) -> None:
+    """--docs FILE, checked before any benchmark runs: FILE exists and holds each block's markers once."""
+    p = Path(path)
+    if not p.is_file():
+        fail(f"--docs {p}: no such file; pass the markdown file whose bench tables this run replaces")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        fail(f"--docs {p}: not UTF-8 text (byte {err.start}); pass a markdown file")
+    missing = [b for b in blocks if _block_span(text, b) is None]
+    if missing:
+        pairs = ", ".join(f"<!-- bench:{b} --> ... <!-- /bench:{b} -->" for b in missing)
+        fail(f"--docs {p}: needs the markers {pairs} (each once, in order) around the table to replace")
+
+
+def write_docs(path: str | Path, tables: dict[str, str]) -> None:
+    """Replace the text between each block's markers in FILE with that run's results.md, in one atomic write
+    (a crash leaves the old doc or the new one, never half of it); the file keeps its permissions."""
+    p = Path(path)
+    check_docs(p, list(tables))
+    text = p.read_text(encoding="utf-8")
+    for block, md in tables.items():
+        start, end = _block_span(text, block)  # type: ignore[misc]  # check_docs saw every block
+        text = text[:start] + "\n" + md.strip("\n") + "\n" + text[end:]
+    mode = os.stat(p).st_mode & 0o777
+    write_text_atomic(p, text)
+    os.chmod(p, mode)
+    print(f"[bench] {', '.join(tables)} table(s) written into {p}", file=sys.stderr)
 
 
 def write_chart(path: Path, rows: list[dict[str, Any]], label: str, metrics: list[tuple[str, str]]) -> None:

@@ -13,6 +13,8 @@ from hpml_ft.config.load import (
     format_validation_error,
     grad_accum_steps,
     load_config,
+    redact,
+    redact_text,
     world_size,
 )
 from hpml_ft.config.schema import (
@@ -51,5 +53,7 @@ __all__ = [
     "format_validation_error",
     "grad_accum_steps",
     "load_config",
+    "redact",
+    "redact_text",
     "world_size",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,47 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The recipe as YAML, secrets (train.sft_extra.hub_token, ...) shown as ***: what recipe.yaml records."""
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
+
+
+# ---------------------------------------------------------------- secrets never reach a record
+
+REDACTED = "***"
+# A key is secret when its last word is one of _SECRET_LAST (hub_token, api_key) or any word is in _SECRET_ANY
+# (client_secret, password_file); a tokenizer's special tokens (eos_token, pad_token) and an IFEval prompt's
+# `key` are not secrets, nor are counts (max_new_tokens) or ids (eos_token_id), which are not strings.
+_SECRET_ANY = {"secret", "password", "passwd", "credential", "credentials", "apikey"}
+_SECRET_LAST = {"token", "key", "auth", "authorization"} | _SECRET_ANY
+_SPECIAL_TOKENS = {"pad", "eos", "bos", "unk", "sep", "cls", "mask"}
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@", re.I)  # scheme://user:PASSWORD@
+_BEARER = re.compile(r"(\bBearer\s+)[^\s\"',]+", re.I)
+
+
+def is_secret_key(name: str) -> bool:
+    words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).lower())
+    special = len(words) > 1 and words[-1] == "token" and words[-2] in _SPECIAL_TOKENS
+    if not words or words == ["key"] or special:
+        return False
+    return words[-1] in _SECRET_LAST or any(w in _SECRET_ANY for w in words)
+
+
+def redact_text(text: str) -> str:
+    """`scheme://user:PASSWORD@host` -> `scheme://user:***@host`, `Bearer KEY` -> `Bearer ***`."""
+    return _BEARER.sub(rf"\g<1>{REDACTED}", _URL_PASSWORD.sub(rf"\g<1>{REDACTED}@", text))
+
+
+def redact(data: Any) -> Any:
+    """A copy of `data` fit for a record: the string value of every secret key is ***, and every string has
+    its URL passwords and bearer keys redacted. Every JSON/YAML/text record hpml_ft writes passes here."""
+    if isinstance(data, dict):
+        return {
+            k: REDACTED if is_secret_key(k) and isinstance(v, str) and v else redact(v)
+            for k, v in data.items()
+        }
+    if isinstance(data, list | tuple):
+        return [redact(v) for v in data]
+    return redact_text(data) if isinstance(data, str) else data
 
 
 # ---------------------------------------------------------------- derived numbers

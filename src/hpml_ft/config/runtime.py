@@ -22,6 +22,10 @@ JUDGE_BATCH_SIZE = 4  # a local judge reads long prompts (instruction + answer +
 TEMPERATURE = 0.0
 TOP_P = 1.0
 SEED = 0
+# Voting (eval --samples K): K sampled outputs per question vote on their executed answers; the usual
+# self-consistency temperature (high enough for distinct derivations, low enough to stay on task).
+VOTE_SAMPLES = 1  # 1 = greedy only
+VOTE_TEMPERATURE = 0.7
 # Judge over HTTP (an OpenAI-compatible endpoint)
 JUDGE_TIMEOUT_S = 120.0  # per request: a long judge reply on a busy server
 JUDGE_PROBE_TIMEOUT_S = 10.0  # the GET /models pre-check: a server that never answers fails fast

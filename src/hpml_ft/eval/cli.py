@@ -20,12 +20,12 @@ from pathlib import Path
 
 from hpml_ft.config import DTYPE_CHOICES
 from hpml_ft.config import runtime as rt
-from hpml_ft.errors import ArgumentParser, fail
-from hpml_ft.eval.answers import answer_all, load_tokenizers, score_all
+from hpml_ft.errors import ArgumentParser, fail, positive_float, positive_int
+from hpml_ft.eval.answers import Voting, answer_all, load_tokenizers, score_all
 from hpml_ft.eval.judge import add_judge_args, judge_rows, judge_spec_from_args, summarize_rows
 from hpml_ft.eval.report import write_results
 from hpml_ft.eval.tasks import load_task, resolve_models
-from hpml_ft.outputs import check_output_target
+from hpml_ft.outputs import check_not_input, check_output_target
 from hpml_ft.runs import model_config
 from hpml_ft.threads import apply_cpu_threads
 
@@ -90,10 +90,27 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         f"{rt.SAFETY_MAX_NEW_TOKENS} with --safety)",
     )
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="model dtype (default: auto)")
+    vote = p.add_argument_group("voting over executed answers (QA; TAT-QA derivations are executed first)")
+    vote.add_argument(
+        "--samples",
+        type=positive_int,
+        default=rt.VOTE_SAMPLES,
+        help="K sampled outputs per question after the greedy one; the most common executed answer wins, "
+        "ties go to the greedy answer (default 1: greedy only)",
+    )
+    vote.add_argument(
+        "--temperature",
+        type=positive_float,
+        default=rt.VOTE_TEMPERATURE,
+        help=f"sampling temperature of the K samples (default {rt.VOTE_TEMPERATURE})",
+    )
+    vote.add_argument("--top-p", type=positive_float, default=rt.TOP_P, help="nucleus sampling (default 1.0)")
+    vote.add_argument("--seed", type=int, default=rt.SEED, help=f"sampling seed (default {rt.SEED})")
     p.add_argument(
         "--runs-dir", default=rt.RUNS_DIR, help=f"where finished runs are found (default {rt.RUNS_DIR})"
     )
     p.add_argument("--out", help="result folder (default: <runs-dir>/eval/<date-time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
     p.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -107,15 +124,18 @@ def _check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             fail(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.top_p > 1:
+        fail(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.samples > 1 and (args.ifeval or args.safety):
+        fail("--samples votes on QA answers; IFEval and --safety score one greedy response, drop --samples")
 
 
 def out_dir(args: argparse.Namespace) -> Path:
-    """The result folder; an existing folder is replaced only when it holds an earlier eval result."""
+    """The result folder, checked by the output rule against every input named on the command line (the
+    resolved models are checked once known); an earlier result is replaced only with --overwrite."""
     out = Path(args.out) if args.out else Path(args.runs_dir) / "eval" / time.strftime("%Y%m%d-%H%M%S")
-    check_output_target(out, "--out")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "results.json").is_file())):
-        fail(f"--out {out} exists and is not an earlier eval result; pick a new folder")
-    return out
+    named = [*(args.models or "").split(","), args.data, args.recipe, args.ifeval, args.safety, args.judge]
+    return check_output_target(out, "--out", named, args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = {"ifeval": rt.IFEVAL_MAX_NEW_TOKENS, "safety": rt.SAFETY_MAX_NEW_TOKENS}
     args.max_new_tokens = args.max_new_tokens or lengths.get(task.kind, rt.EVAL_MAX_NEW_TOKENS)
     models = resolve_models(args, task)
+    check_not_input(out, [p for m in models for p in (m.path, m.adapter)], "--out")  # 'base', the latest run
     apply_cpu_threads(log=False)  # every core this process owns, also under accelerate launch
     toks = load_tokenizers(models, task)
     if (args.judge or args.judge_url) and task.kind in ("ifeval", "safety"):
@@ -139,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{m.label} ({m.path}{' + ' + m.adapter if m.adapter else ''})" for m in models),
         file=sys.stderr,
     )
-    answers = answer_all(models, toks, task, args.max_new_tokens, args.batch_size)
+    voting = Voting(args.samples, args.temperature, args.top_p, args.seed) if args.samples > 1 else None
+    answers = answer_all(models, toks, task, args.max_new_tokens, args.batch_size, voting)
     results = score_all(models, task, answers)
     if spec:
         judge_rows(spec, [row for r in results for row in r["rows"]])  # one judge load for every model

@@ -80,6 +80,8 @@ def load_ifeval(path: str) -> list[dict]:
         )
         if not ok or len(r["kwargs"]) != len(r["instruction_id_list"]):
             fail(f"{p}: line {n} needs key, prompt, instruction_id_list and one kwargs dict per instruction")
+        if not isinstance(r["prompt"], str) or not all(isinstance(i, str) for i in r["instruction_id_list"]):
+            fail(f"{p}: line {n}: prompt and each instruction id must be strings, got prompt={r['prompt']!r:.60}")
         rows.append({**r, "key": str(r["key"])})
     if not rows:
         fail(f"{p}: no prompts in the file")

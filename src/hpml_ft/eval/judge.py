@@ -21,10 +21,19 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from hpml_ft.config import redact_text
 from hpml_ft.config import runtime as rt
+from hpml_ft.data import read_text_file
 from hpml_ft.errors import ArgumentParser, fail, positive_float, run_cli
 from hpml_ft.eval.answers import generate_all
-from hpml_ft.eval.judge_http import endpoint_outputs, is_loopback, list_models, require_openai, why
+from hpml_ft.eval.judge_http import (
+    NotModelList,
+    endpoint_outputs,
+    is_loopback,
+    list_models,
+    require_openai,
+    why,
+)
 from hpml_ft.eval.judge_prompt import (
     DEFAULT_RUBRIC,
     JudgeSpec,
@@ -39,9 +48,23 @@ KEY_ENV = "HPML_FT_JUDGE_API_KEY"
 PROBE_TIMEOUT = rt.JUDGE_PROBE_TIMEOUT_S  # the GET /models pre-check: a server that never answers fails fast
 
 
+def check_url(url: str) -> urllib.parse.SplitResult:
+    """An http(s) URL with a host, parsed; anything else (a malformed IPv6 host, a port that is not a number)
+    is one error line, with any password in it shown as ***."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # parsed lazily: raises here on a port that is not a number
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
+        ok = False
+    if not ok:
+        fail(f"--judge-url must be an http(s) URL like http://127.0.0.1:8000/v1, not '{redact_text(url)}'")
+    return parts
+
+
 def check_key_transport(url: str, key: str | None, allow_insecure: bool) -> None:
     """A key goes over https, or over http to this machine; plain http elsewhere needs --allow-insecure-key."""
-    parts = urllib.parse.urlsplit(url)
+    parts = check_url(url)
     if key and parts.scheme == "http" and not is_loopback(url) and not allow_insecure:
         fail(
             f"refusing to send the judge API key over plain http to {parts.hostname} (anyone on the way can "
@@ -52,28 +75,33 @@ def check_key_transport(url: str, key: str | None, allow_insecure: bool) -> None
 def check_endpoint(url: str, model: str | None, timeout: float, key: str | None = None) -> str:
     """Probe GET {url}/models before any generation; return the model name to use (default: first listed).
     The probe waits at most PROBE_TIMEOUT seconds, not the per-request --judge-timeout, and is not retried."""
-    if not url.startswith(("http://", "https://")) or not urllib.parse.urlsplit(url).hostname:
-        fail(f"--judge-url must be an http(s) URL like http://127.0.0.1:8000/v1, not '{url}'")
+    check_url(url)
+    shown = redact_text(url)  # a password in the URL (user:pass@host) stays out of error lines
     openai = require_openai()
     probe = min(timeout, PROBE_TIMEOUT)
     try:
         listed = list_models(url, key, probe)
+    except NotModelList as err:
+        fail(
+            f"judge endpoint {shown} answered GET /models with {err}; pass the base URL of an OpenAI-compatible "
+            "server (it usually ends in /v1)"
+        )
     except openai.APITimeoutError:
         fail(
-            f"judge endpoint {url} did not answer GET /models within {probe:g} s; check that it is an "
+            f"judge endpoint {shown} did not answer GET /models within {probe:g} s; check that it is an "
             "OpenAI-compatible server that has finished loading, or fix --judge-url"
         )
     except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
         fail(
-            f"judge endpoint {url} refused the request ({why(err)}); pass the key it expects with "
+            f"judge endpoint {shown} refused the request ({why(err)}); pass the key it expects with "
             f"--judge-api-key or ${KEY_ENV}"
         )
     except (openai.OpenAIError, ValueError, AttributeError, TypeError) as err:
-        fail(f"judge endpoint {url} is not reachable ({why(err)}); start the server or fix --judge-url")
+        fail(f"judge endpoint {shown} is not reachable ({why(err)}); start the server or fix --judge-url")
     if model:
         return model
     if not listed:
-        fail(f"judge endpoint {url} lists no models; pass --judge-model NAME")
+        fail(f"judge endpoint {shown} lists no models; pass --judge-model NAME")
     return listed[0]
 
 
@@ -165,7 +193,7 @@ def judge_spec_from_args(args: argparse.Namespace, batch_size: int = rt.JUDGE_BA
     if args.judge_rubric:
         if not Path(args.judge_rubric).is_file():
             fail(f"rubric file not found: {args.judge_rubric}")
-        rubric = Path(args.judge_rubric).read_text()
+        rubric = read_text_file(Path(args.judge_rubric), "a rubric; write the rubric as a UTF-8 text file")
     common = {
         "timeout": args.judge_timeout,
         "max_new_tokens": args.judge_max_new_tokens,

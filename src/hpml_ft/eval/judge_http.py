@@ -12,7 +12,11 @@ reached directly even when an http proxy is configured.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect
+import json
+import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,6 +25,7 @@ from hpml_ft.errors import fail
 from hpml_ft.eval.judge_prompt import JudgeSpec
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DEADLINE = "hpml_ft.deadline"  # request extension: when this try of the request must have its whole reply
 NO_KEY = "EMPTY"  # the client insists on a key; without one, each request omits the Authorization header
 # Every header a judge request may carry; anything else (OpenAI-Organization, OpenAI-Project, headers from
 # OPENAI_CUSTOM_HEADERS, ...) is dropped before it is sent. x-stainless-*: the client's version/retry telemetry.
@@ -63,13 +68,57 @@ def _only_ours(key: str | None) -> Any:
     return hook
 
 
+@functools.cache
+def _bounded_stream(httpx_name: str) -> type:
+    """A response body that raises ReadTimeout once a read ends past its deadline, for the httpx package the
+    client uses (`httpx`, or `httpx2` for openai >= 3)."""
+    httpx = importlib.import_module(httpx_name)
+
+    class Bounded(httpx.SyncByteStream):
+        def __init__(self, body: Any, request: Any, until: float) -> None:
+            self.body, self.request, self.until = body, request, until
+
+        def __iter__(self) -> Any:
+            for chunk in self.body:
+                if time.monotonic() > self.until:
+                    raise httpx.ReadTimeout("no complete reply before the deadline", request=self.request)
+                yield chunk
+
+        def close(self) -> None:
+            self.body.close()
+
+    return Bounded
+
+
+def _deadline(total: float) -> tuple[Any, Any]:
+    """httpx (request, response) hooks that bound each try of a request to `total` seconds, body included.
+
+    The client's own timeout is per read: a server that keeps sending (a body that never ends, a byte now and
+    then) would hold a request forever. The request hook starts the clock of each try (a retry gets its own);
+    the response hook, run before the body is read, wraps the body so that a read past the deadline raises
+    ReadTimeout, which the client retries and then reports as a time-out. A read that waits for bytes is cut
+    by the per-read timeout, so a try ends within about twice `total` at worst."""
+
+    def start(request: Any) -> None:
+        request.extensions[DEADLINE] = time.monotonic() + total
+
+    def bound(response: Any) -> None:
+        until = response.request.extensions.get(DEADLINE, time.monotonic() + total)
+        bounded = _bounded_stream(type(response).__module__.partition(".")[0])
+        response.stream = bounded(response.stream, response.request, until)
+
+    return start, bound
+
+
 def client(url: str, key: str | None, timeout: float, retries: int) -> Any:
-    """An `openai.OpenAI` for `url` with every setting explicit, so that nothing comes from OPENAI_* variables."""
+    """An `openai.OpenAI` for `url` with every setting explicit, so that nothing comes from OPENAI_* variables.
+    `timeout` bounds each try of a request as a whole (`_deadline`), not only each read."""
     openai = require_openai()
+    start, bound = _deadline(timeout)
     http = openai.DefaultHttpxClient(
         follow_redirects=False,  # a redirect would carry the key to another host: it is reported instead
         trust_env=not is_loopback(url),  # HTTP(S)_PROXY would send loopback traffic to the proxy
-        event_hooks={"request": [_only_ours(key)]},
+        event_hooks={"request": [_only_ours(key), start], "response": [bound]},
     )
     # Newer clients also read OPENAI_ADMIN_KEY and OPENAI_WEBHOOK_SECRET; openai 1.x (which the serve extra
     # allows) has no such arguments.
@@ -111,10 +160,21 @@ def why(err: Exception) -> str:
     return str(cause or err) or type(cause or err).__name__
 
 
+class NotModelList(ValueError):
+    """GET /models answered 2xx with something that is not an OpenAI model list (an HTML page, ...)."""
+
+
 def list_models(url: str, key: str | None, timeout: float) -> list[str]:
-    """GET {url}/models once (no retry): the ids the endpoint serves. Raises the client's errors."""
+    """GET {url}/models once (no retry): the ids the endpoint serves. Raises the client's errors, and
+    NotModelList when the answer is not `{"data": [{"id": ...}, ...]}`."""
     with client(url, key, timeout, retries=0) as probe:
-        return [str(m.id) for m in probe.models.list(extra_headers=_auth(key)).data]
+        answer = probe.models.with_raw_response.list(extra_headers=_auth(key)).http_response
+        try:
+            return [str(m["id"]) for m in json.loads(answer.text)["data"]]
+        except (ValueError, KeyError, TypeError) as err:
+            kind = answer.headers.get("content-type", "no content type").split(";")[0]
+            first = (answer.text.strip().splitlines() or [""])[0][:80]
+            raise NotModelList(f"{kind}, not an OpenAI model list: {first!r}") from err
 
 
 def chat_completion(spec: JudgeSpec, prompt: str, judge: Any = None) -> str:

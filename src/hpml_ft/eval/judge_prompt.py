@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from hpml_ft.config import redact_text
 from hpml_ft.config import runtime as rt
 
 JUDGE_TASK = """You are grading one answer written by an AI assistant.
@@ -112,4 +113,5 @@ class JudgeSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.url} ({self.model})" if self.url else str(self.path)
+        """What outputs and records show: a password in the URL (user:pass@host) as ***."""
+        return f"{redact_text(self.url)} ({self.model})" if self.url else str(self.path)

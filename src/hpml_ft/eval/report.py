@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpml_ft.eval.safety import safety_markdown
 from hpml_ft.eval.scoring import official_predictions
+from hpml_ft.eval.stats import add_intervals, interval_text
 from hpml_ft.eval.tatqa.metric import write_official_predictions
 from hpml_ft.outputs import atomic_dir, versions, write_json_atomic, write_text_atomic
 
@@ -35,15 +36,29 @@ def _judge_cells(m: dict) -> list[Any]:
     return [j["mean"], f"{j['unparsed']}/{j['n']}"] if j else []
 
 
+def _ci(interval: list[float] | None) -> str:
+    return f"{interval[0]:.1f} - {interval[1]:.1f}" if interval else "-"
+
+
+def paired_lines(results: list[dict]) -> list[str]:
+    """`- model: +X EM, 95% CI [a, b] (McNemar p)` for each model after the first: the same questions, paired."""
+    lines = [f"- {r['name']}: {interval_text(r['metrics'])}" for r in results if r["metrics"].get("vs_first")]
+    if not lines:
+        return []
+    head = f"## Against {results[0]['name']} on the same questions (paired bootstrap, McNemar's exact test)"
+    return [head, "", *lines, ""]
+
+
 def comparison_table(results: list[dict], fmt: str) -> str:
     """One row per model: EM/F1 (+ scale accuracy for TAT-QA, + judge mean when judged) and speed."""
     judged = any(r["metrics"].get("judge") for r in results)
-    header = ["model", "n", "EM", "F1"] + (["scale acc", "executed", "exec failed"] if fmt == "tatqa" else [])
+    header = ["model", "n", "EM", "EM 95% CI", "F1", "F1 95% CI"]
+    header += ["scale acc", "executed", "exec failed"] if fmt == "tatqa" else []
     header += (["judge mean (1-5)", "judge unparsed"] if judged else []) + ["tokens/s"]
     rows = []
     for r in results:
         m = r["metrics"]
-        row = [r["name"], m["n"], m["exact_match"], m["f1"]]
+        row = [r["name"], m["n"], m["exact_match"], _ci(m.get("exact_match_ci")), m["f1"], _ci(m.get("f1_ci"))]
         ex = m.get("executor", {})
         row += [m["scale_accuracy"], ex.get("executed"), ex.get("parse_failures")] if fmt == "tatqa" else []
         if judged:
@@ -74,6 +89,7 @@ def results_markdown(results: list[dict], fmt: str, data: str) -> str:
         "",
         comparison_table(results, fmt),
         "",
+        *paired_lines(results),
     ]
     for r in results:
         m = r["metrics"]
@@ -134,6 +150,7 @@ def write_results(
     elif task.kind == "safety":
         md = safety_markdown(results, task.data)
     else:
+        add_intervals(results)  # EM/F1 intervals and the paired comparison, in results.json and results.md
         md = results_markdown(results, task.fmt, task.data)
     summary = {
         "kind": "eval",

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hpml_ft.data import read_text_file
 from hpml_ft.errors import fail
 
 GUARD_PROMPT = """Task: Check if there is unsafe content in 'User' messages in conversations according to our \
@@ -36,7 +37,7 @@ def load_safety_file(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         fail(f"safety file not found: {p} (a ToxicChat-format CSV/JSON/JSONL with user_input, toxicity)")
-    text = p.read_text(encoding="utf-8")
+    text = read_text_file(p, "a ToxicChat-format CSV/JSON/JSONL text file")
     if p.suffix.lower() == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
     elif p.suffix.lower() == ".jsonl":
@@ -57,11 +58,14 @@ def load_safety_file(path: str | Path) -> list[dict[str, Any]]:
             fail(f"{p}: record {i} lacks user_input or toxicity (columns: {', '.join(map(str, r))})")
         try:
             label = int(float(r["toxicity"]))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # inf: OverflowError
             fail(f"{p}: record {i} has toxicity={r['toxicity']!r}; expected 0 or 1")
         if label not in (0, 1):
             fail(f"{p}: record {i} has toxicity={label}; expected 0 or 1")
-        out.append({"text": str(r["user_input"]), "label": label})
+        message = r["user_input"]
+        if not isinstance(message, str) or not message.strip():  # null would be classified as the text 'None'
+            fail(f"{p}: record {i} has user_input={message!r}; expected the message text (a non-empty string)")
+        out.append({"text": message, "label": label})
     return out
 
 

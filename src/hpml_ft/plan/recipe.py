@@ -85,7 +85,7 @@ def setup_for(
 def shape_for(cfg: Config, model_path: str) -> tuple[Shape, str]:
     mcfg, source = load_model_config(model_path, cfg.model.trust_remote_code)
     p = cfg.peft
-    return model_shape(mcfg, p.method, p.r, p.target_modules), source
+    return model_shape(mcfg, p.method, p.r, p.target_modules, cfg.model.trust_remote_code), source
 
 
 def accelerate_processes(cfg: Config) -> int:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpml_ft.config import ADAPTER_METHODS
 from hpml_ft.errors import fail
+from hpml_ft.model import pretrained
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -46,7 +47,7 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> tup
 
     if Path(name_or_path).is_dir():
         try:
-            return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code), name_or_path
+            return pretrained(AutoConfig, name_or_path, trust_remote_code), name_or_path
         except (OSError, ValueError, KeyError) as err:
             first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
             fail(f"{name_or_path}/config.json cannot be read ({first}); fix or re-download the model")
@@ -55,7 +56,7 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> tup
     cached = try_to_load_from_cache(name_or_path, "config.json")
     if isinstance(cached, str):
         folder = str(Path(cached).parent)
-        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), f"HF cache {folder}"
+        return pretrained(AutoConfig, folder, trust_remote_code), f"HF cache {folder}"
     if name_or_path in KNOWN_CONFIGS:
         path = CONFIG_DIR / f"{KNOWN_CONFIGS[name_or_path]}.json"
         data = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
@@ -82,14 +83,18 @@ def _lora_params(model: Any, method: str, r: int, targets: list[str] | str) -> i
 
 
 def model_shape(
-    mcfg: PretrainedConfig, method: str = "full", r: int = 16, targets: list[str] | str = "all-linear"
+    mcfg: PretrainedConfig,
+    method: str = "full",
+    r: int = 16,
+    targets: list[str] | str = "all-linear",
+    trust_remote_code: bool = False,
 ) -> Shape:
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):  # shapes only: no memory, no weights
-        model = AutoModelForCausalLM.from_config(mcfg)
+        model = pretrained(AutoModelForCausalLM, mcfg, trust_remote_code)
     blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
     head = model.get_output_embeddings()
     tc = mcfg.get_text_config()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hpml_ft.bench.report import add_docs_args, check_docs, docs_block, header_line, metadata, write_docs
 from hpml_ft.config import DataConfig
 from hpml_ft.config import runtime as rt
 from hpml_ft.data import load_samples, load_splits
@@ -24,6 +25,7 @@ from hpml_ft.eval.safety import is_guard_template, load_safety_file, prompts_for
 from hpml_ft.eval.scoring import score_answers
 from hpml_ft.generation import generate
 from hpml_ft.model import load_causal_lm, load_tokenizer
+from hpml_ft.outputs import check_output_target
 from hpml_ft.quant.measure import run_json_worker
 from hpml_ft.quant.ptq import check_spec, check_torchao, dir_size_mib, packed_size_mib, quantize_dir
 from hpml_ft.quant.report import write_report
@@ -65,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"prompt lookup n-gram tokens (default {rt.PROMPT_LOOKUP_TOKENS})",
     )
     p.add_argument("--out", help="result folder (default outputs/bench/lowbit-<date-time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
+    add_docs_args(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: evaluate one model in this process
     return p.parse_args(argv)
 
@@ -149,10 +153,14 @@ def recovery(results: list[dict], bits: int) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(evaluate_one(json.loads(Path(args.worker).read_text()))))
         return 0
+    block = docs_block("lowbit", args.docs_tag)
+    if args.docs:  # a doc without its markers fails now, not after the benchmark
+        check_docs(args.docs, [block])
     check_spec(args.bits, args.group_size)
     for name in ("limit", "max_new_tokens"):
         if getattr(args, name) <= 0:
@@ -163,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     if not items:
         fail("the eval set is empty; pass --data or --safety with records")
     out = Path(args.out or f"outputs/bench/lowbit-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
-        fail(f"--out {out} exists and is not an earlier lowbit result; pick a new folder")
+    inputs = [args.model, fp, args.qat, args.data, args.safety]
+    check_output_target(out, "--out", inputs, args.overwrite)  # its models/ are reused by a rerun
     rows = plan_rows(args, fp, out)
     results = []
     for row in rows:
@@ -180,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     summary = {"kind": kind, "n": len(items), "bits": args.bits, "recovery": recovery(results, args.bits)}
-    print(write_report(out, summary, results))
+    md = write_report(out, summary, results, header_line(metadata(["lowbit", *argv])))
+    print(md + f"\n[hpml_ft] {out}/results.json, results.md, lowbit.png")
+    if args.docs:
+        write_docs(args.docs, {block: md})
     return 0
 
 

@@ -10,14 +10,13 @@ tied, so quantizing one quantizes both).
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpml_ft.errors import fail
-from hpml_ft.outputs import finalize_dir
+from hpml_ft.model import pretrained
+from hpml_ft.outputs import atomic_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -85,7 +84,7 @@ def quantize_model(
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
     qcfg = TorchAoConfig(weight_config(bits, group_size, symmetric))  # linear layers, LM head skipped
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, quantization_config=qcfg)
+    model = pretrained(AutoModelForCausalLM, src, dtype=torch.float32, quantization_config=qcfg)
     if quantize_embeddings:
         _quantize_embeddings(model, bits, group_size, symmetric)
     return model
@@ -110,15 +109,9 @@ def save_quantized(model: PreTrainedModel, src: str | Path, out: Path, rec: dict
     """Model (safetensors + quantization_config), `src`'s tokenizer and the record, written atomically."""
     from transformers import AutoTokenizer
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out, rec) as staging:  # removed on error, SIGTERM or a full disk
         model.save_pretrained(staging, safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(src)).save_pretrained(staging)
-        finalize_dir(staging, out, rec)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        pretrained(AutoTokenizer, src).save_pretrained(staging)
 
 
 def quantize_dir(

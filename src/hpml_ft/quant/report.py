@@ -18,9 +18,11 @@ COLUMNS = [
 ]
 
 
-def markdown(summary: dict[str, Any], results: list[dict]) -> str:
+def markdown(summary: dict[str, Any], results: list[dict], header: str = "") -> str:
+    """The table under `header` (the bench's command, machine, versions, commit and date line)."""
     cols = [(k, h) for k, h in COLUMNS if any(k in r for r in results)]
     lines = [
+        *([header, ""] if header else []),
         f"Low-bit variants on {summary['n']} {summary['kind']} samples (greedy, batch 1)\n",
         "| model | " + " | ".join(h for _, h in cols) + " |",
         "|---|" + "---|" * len(cols),
@@ -60,10 +62,11 @@ def plot(path: Path, results: list[dict]) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, summary: dict[str, Any], results: list[dict]) -> str:
+def write_report(out: Path, summary: dict[str, Any], results: list[dict], header: str = "") -> str:
+    """results.json, results.md and lowbit.png in `out`; returns the markdown."""
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(summary, results)
+    md = markdown(summary, results, header)
     write_json_atomic(out / "results.json", {**summary, "versions": versions(), "rows": results})
     write_text_atomic(out / "results.md", md)
     plot(out / "lowbit.png", results)
-    return md + f"\n[hpml_ft] {out}/results.json, results.md, lowbit.png\n"
+    return md
