@@ -53,7 +53,7 @@ else
     shopt -s nullglob
     wheels=(.whl/gpu/*.whl)
     # Under sys.prefix, not /tmp: dill (datasets' fingerprints) pickles modules from elsewhere by value and
-    # pyarrow's types cannot be (learned by scripts/gpu_check.sh)
+    # pyarrow's types cannot be (learned the hard way)
     SITE="$($PY -c 'import sys; print(sys.prefix)')/hpml_site"
     mkdir -p "$SITE" 2>/dev/null && [[ -w "$SITE" ]] || SITE=/tmp/site
     $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "${wheels[@]}" || exit 3

@@ -1,4 +1,4 @@
-"""Freed tensor memory goes back to the OS once glibc's mmap threshold is pinned (hpml_ft.allocator)."""
+"""Freed tensor memory goes back to the OS once glibc's mmap threshold is pinned (hpml_ft.system.allocator)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hpml_ft.allocator import pin_mmap_threshold
+from hpml_ft.system.allocator import pin_mmap_threshold
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="glibc allocator behaviour")
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="glibc allocator
 # each followed by a small tensor that stays alive, so freeing the big ones leaves holes glibc cannot trim.
 SCRIPT = """
 import sys, torch
-from hpml_ft.allocator import pin_mmap_threshold
+from hpml_ft.system.allocator import pin_mmap_threshold
 if sys.argv[1] == "pin":
     assert pin_mmap_threshold()
 def rss_mib():

@@ -60,7 +60,7 @@ def test_train_bench_runs_the_sft_path(tiny_model_dir, tmp_path):
         assert len(r["step_times"]) == 2 and r["trainable_params"] > 0 and r["final_loss"] > 0
     lora, full, packed, free = rows
     assert lora["trainable_params"] < full["trainable_params"]
-    # packed rows keep only their pad tails (SDPA here: one row per pack, hpml_ft.packing)
+    # packed rows keep only their pad tails (SDPA here: one row per pack, hpml_ft.train.packing)
     assert packed["padding_frac"] < lora["padding_frac"]
     # padding-free: the padded run's samples (and label tokens) per step, in fewer padded slots
     assert free["padding_frac"] < lora["padding_frac"]

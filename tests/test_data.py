@@ -10,7 +10,7 @@ from conftest import build_tiny_tokenizer
 from hpml_ft.config import DataConfig
 from hpml_ft.data import build_dataset, load_samples, load_splits, split_by_group, tokenize_conversation
 from hpml_ft.errors import UserError
-from hpml_ft.tatqa_data import group_conversations, render_answer
+from hpml_ft.tatqa.render import group_conversations, render_answer
 
 
 def make_tatqa(n_contexts: int = 6, questions: int = 3) -> list[dict]:

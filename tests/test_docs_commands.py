@@ -356,7 +356,7 @@ def test_docs_without_markers_fail_in_one_line_before_any_benchmark(tmp_path, mo
         check_docs(tmp_path / "missing.md", ["train"])
 
     import hpml_ft.bench.cli as cli
-    import hpml_ft.quant.bench as lowbit
+    import hpml_ft.bench.lowbit as lowbit
 
     def must_not_run(*a, **k):
         raise AssertionError("a benchmark started before --docs was checked")

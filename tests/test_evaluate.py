@@ -13,7 +13,7 @@ import pytest
 from hpml_ft.config import load_config
 from hpml_ft.data import load_samples
 from hpml_ft.eval.report import comparison_table
-from hpml_ft.eval.scoring import official_predictions, score_answers, score_samples
+from hpml_ft.scoring import official_predictions, score_samples
 
 FIXTURE = Path(__file__).parent / "fixtures" / "eval_tatqa.json"
 UIDS = ["q-orchard-1", "q-orchard-2", "q-orchard-3", "q-orchard-4", "q-harbor-1", "q-harbor-2"]
@@ -54,8 +54,8 @@ def test_wrong_scale_and_wrong_answer_score_zero():
     rows, metrics = score_samples(samples, ["4,210", "banana"], "tatqa")
     assert rows[0]["em"] == 0 and rows[0]["scale_ok"] is False  # 4,210 without "thousand" is 1000x off
     assert metrics["exact_match"] == 0.0
-    right = score_answers(samples, ["4,210 thousand", "115 thousand"], "tatqa")
-    assert right == {"exact_match": 100.0, "f1": 100.0}
+    _, right = score_samples(samples, ["4,210 thousand", "115 thousand"], "tatqa")
+    assert (right["exact_match"], right["f1"]) == (100.0, 100.0)
 
 
 def test_plain_formats_use_em_and_token_f1():

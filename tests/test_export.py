@@ -236,3 +236,51 @@ def test_overwrite_replaces_the_file_and_its_modelfile(exported, tmp_path):
     assert out.stat().st_size > small  # f16 now
     assert "FROM ./m.gguf" in (tmp_path / "Modelfile").read_text()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging file left
+
+
+def test_llama3_rope_scaling_is_written_as_the_rope_freqs_llama_cpp_divides_by(tmp_path):
+    """Llama 3.1's RoPE scaling: llama.cpp divides each frequency by rope_freqs; transformers' own llama3
+    frequencies must come out."""
+    from gguf import GGUFReader
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0}
+    rope |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    tok = build_tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,  # head dim 32: 16 frequencies, some scaled, some smoothed, some kept
+        max_position_embeddings=4096,
+        rope_parameters=rope,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out = _export(tmp_path / "m", tmp_path / "out" / "m.gguf")
+    freqs = next(t for t in GGUFReader(str(out)).tensors if t.name == "rope_freqs.weight")
+    base = 1.0 / (500000.0 ** (torch.arange(0, 32, 2).float() / 32))
+    want = base / ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")[0]
+    assert torch.allclose(torch.from_numpy(freqs.data.copy()), want, rtol=1e-4)
+    assert want.min() == 1.0 and want.max() == 8.0 and ((want > 1) & (want < 8)).any()
+
+
+def test_llama_cpp_pre_tokenizer_names_follow_the_pre_tokenizer():
+    from tokenizers import pre_tokenizers
+
+    from hpml_ft.export.gguf_vocab import pre_tokenizer_name
+    from hpml_ft.meta_tokenizer import tiktoken_tokenizer
+
+    def name(pre) -> str:
+        return pre_tokenizer_name({"pre_tokenizer": json.loads(pre.__getstate__())})
+
+    llama3 = tiktoken_tokenizer({bytes([b]): b for b in range(256)}, 512, scaled_rope=True)
+    assert pre_tokenizer_name(json.loads(llama3.backend_tokenizer.to_str())) == "llama-bpe"
+    assert name(pre_tokenizers.ByteLevel(add_prefix_space=False)) == "gpt-2"
+    digits = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel()]
+    )
+    assert name(digits) == "smollm"
+    assert name(pre_tokenizers.Whitespace()) == "default"

@@ -40,7 +40,7 @@ def _batch_labels(tok, convs, tmp_path) -> list[tuple[list[int], list[int]]]:
 
     from hpml_ft.config import load_config
     from hpml_ft.data import Splits, build_train_eval
-    from hpml_ft.runner import build_trainer
+    from hpml_ft.train.runner import build_trainer
 
     cfg = load_config(None, ["train.max_steps=1", "train.max_length=512", f"train.output_dir={tmp_path}"])
     samples = [{"id": str(i), "group": str(i), "messages": c, "meta": {}} for i, c in enumerate(convs)]

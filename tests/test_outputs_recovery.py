@@ -152,7 +152,7 @@ def test_the_next_training_recovers_before_it_looks_at_the_run_dir(tmp_path):
     """train's prepare_run_dir runs the recovery first: after a kill between the renames, a training of the
     same name without overwrite finds the old finished run (and refuses), not an empty name to train into."""
     from hpml_ft.config import load_config
-    from hpml_ft.train import prepare_run_dir
+    from hpml_ft.train.cli import prepare_run_dir
 
     target, staged, aside = _swap(tmp_path)
     os.replace(target, aside)

@@ -13,8 +13,8 @@ def _trainer(tiny_model_dir, tmp_path, packing: bool):
     from hpml_ft.config import load_config
     from hpml_ft.data import build_train_eval, load_splits
     from hpml_ft.model import build_model, load_tokenizer
-    from hpml_ft.runner import build_trainer
-    from hpml_ft.trainer import sft_config
+    from hpml_ft.train.runner import build_trainer
+    from hpml_ft.train.trainer import sft_config
 
     cfg = load_config(
         None,

@@ -35,8 +35,8 @@ def _cfg(tiny_model_dir, tmp_path, *extra: str):
 def _trainer(tiny_model_dir, tmp_path, *extra: str):
     from hpml_ft.data import build_train_eval, load_splits
     from hpml_ft.model import build_model, load_tokenizer
-    from hpml_ft.runner import build_trainer
-    from hpml_ft.trainer import sft_config
+    from hpml_ft.train.runner import build_trainer
+    from hpml_ft.train.trainer import sft_config
 
     cfg = _cfg(tiny_model_dir, tmp_path, *extra)
     tok = load_tokenizer(str(tiny_model_dir))
@@ -46,7 +46,7 @@ def _trainer(tiny_model_dir, tmp_path, *extra: str):
 
 
 def test_first_fit_rows_fill_rows_and_keep_every_sample():
-    from hpml_ft.packing import first_fit_rows
+    from hpml_ft.train.packing import first_fit_rows
 
     lengths = [5, 4, 3, 2, 7, 1]
     rows = first_fit_rows(lengths, 7)
@@ -56,7 +56,7 @@ def test_first_fit_rows_fill_rows_and_keep_every_sample():
 
 
 def test_padding_free_batch_holds_the_same_samples_with_equal_losses(tiny_model_dir, tmp_path, monkeypatch):
-    import hpml_ft.packing as packing
+    import hpml_ft.train.packing as packing
 
     free = _trainer(tiny_model_dir, tmp_path / "free", "train.padding_free=true")
     padded = _trainer(tiny_model_dir, tmp_path / "padded")
@@ -106,7 +106,7 @@ def test_packed_sdpa_leaves_sliding_window_models_to_their_mask():
     """Per-sample attention would drop a sliding window (it lives in the mask): such calls get plain SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from hpml_ft.packing import packed_sdpa
+    from hpml_ft.train.packing import packed_sdpa
 
     module = torch.nn.Module().train()
     q, k, v = (torch.randn(1, 2, 6, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))

@@ -210,7 +210,7 @@ def test_qat_config_cross_checks(tiny_model_dir):
 )
 def test_quantize_cli_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys, argv, message):
     from hpml_ft.errors import run_cli
-    from hpml_ft.quantize import main
+    from hpml_ft.quant.cli import main
 
     argv = [str(tiny_model_dir) if a == "MODEL" else a for a in argv]
     argv[argv.index("--out") + 1] = str(tmp_path / "q")
@@ -234,7 +234,7 @@ def test_train_cli_rejects_qat_with_qlora(tmp_path, capsys):
 
 
 def test_quantize_cli_writes_a_model_dir_with_its_measurements(tiny_model_dir, tmp_path, capsys):
-    from hpml_ft.quantize import main
+    from hpml_ft.quant.cli import main
 
     out = tmp_path / "q"
     assert main([str(tiny_model_dir), "--bits", "4", "--out", str(out)]) == 0
@@ -245,7 +245,7 @@ def test_quantize_cli_writes_a_model_dir_with_its_measurements(tiny_model_dir, t
 
 
 def test_recovery_is_the_share_of_the_ptq_loss_that_qat_wins_back():
-    from hpml_ft.quant.bench import recovery
+    from hpml_ft.bench.lowbit import recovery
 
     rows = [
         {"name": "full precision", "accuracy": 70.0},
@@ -259,7 +259,7 @@ def test_recovery_is_the_share_of_the_ptq_loss_that_qat_wins_back():
 
 @pytest.mark.slow
 def test_bench_lowbit_writes_every_row_json_markdown_and_png(tiny_model_dir, tmp_path):
-    from hpml_ft.quant.bench import main
+    from hpml_ft.bench.lowbit import main
     from hpml_ft.quant.ptq import quantize_dir
 
     qat = tmp_path / "qat"

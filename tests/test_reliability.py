@@ -82,7 +82,7 @@ def _complete(ckpt: Path) -> bool:
 
 
 def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path, capsys):
-    from hpml_ft.train import _last_checkpoint
+    from hpml_ft.train.cli import _last_checkpoint
 
     ckpts = tmp_path / "checkpoints"
     for step, state in ((4, '{"global_step": 4}'), (8, '{"global_step": 8}'), (12, ""), (10, None)):

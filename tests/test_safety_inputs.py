@@ -89,7 +89,7 @@ def test_model_code_is_never_run_or_asked_for(
             str(out),
         ]
     elif command == "quantize":
-        from hpml_ft.quantize import main
+        from hpml_ft.quant.cli import main
 
         argv = [str(model), "--bits", "8", "--group-size", "32", "--out", str(out), "--no-measure"]
     else:
@@ -349,7 +349,7 @@ def _traceback_case(case: str, tmp_path: Path, tiny, alpaca) -> tuple[object, li
     from hpml_ft.eval.cli import main as evaluate
     from hpml_ft.eval.judge import main as judge
     from hpml_ft.infer import main as infer
-    from hpml_ft.quantize import main as quantize
+    from hpml_ft.quant.cli import main as quantize
     from hpml_ft.serve import main as serve
     from hpml_ft.train import main as train
 

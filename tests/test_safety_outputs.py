@@ -117,7 +117,7 @@ def test_full_disk_is_one_error_line_and_leaves_no_temp_files(
         argv, target = ["--adapter", str(adapter), "--out", str(out)], out
     elif cli == "quantize":
         pytest.importorskip("torchao")
-        from hpml_ft.quantize import main
+        from hpml_ft.quant.cli import main
 
         argv, target = [str(tiny_model_dir), "--bits", "8", "--out", str(out), "--no-measure"], out
     else:
@@ -231,7 +231,7 @@ def _eval(tiny: Path, data: Path, out: Path, *extra: str) -> list[str]:
 def test_earlier_result_is_replaced_only_with_overwrite(cli, capsys, tmp_path, tiny_model_dir, alpaca_file):
     if cli == "quantize":
         pytest.importorskip("torchao")
-        from hpml_ft.quantize import main
+        from hpml_ft.quant.cli import main
 
         args = _quantize
     else:
@@ -255,8 +255,8 @@ def test_quantize_out_on_its_input_is_refused(where, capsys, tmp_path, tiny_mode
     pytest.importorskip("torchao")
     import shutil
 
+    from hpml_ft.quant.cli import main
     from hpml_ft.quant.ptq import quantize_dir
-    from hpml_ft.quantize import main
 
     src = tmp_path / "model"
     if where == "same":  # an earlier quantize result, quantized again into itself

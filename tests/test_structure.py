@@ -1,5 +1,5 @@
-"""The shape of the package: no import cycles (lazy imports included), every module on the README's map, and
-modules kept small (a longer one states why at its top)."""
+"""The shape of the package: layers that only import downwards, no import cycles (lazy imports included), every
+module on the README's map, and modules kept small (a longer one states why at its top)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "src" / "hpml_ft"
 MAX_LINES = 300
 REASON = "Over 300 lines:"  # a module allowed to be longer says why in its docstring, after these words
+
+# The pipeline as layers, lowest first (config -> data/tatqa -> model -> train -> merge/quantize -> commands):
+# a module may import its own layer and the ones below, never one above. Keyed by the first name under hpml_ft.
+LAYERS = [
+    ("foundations", {"hpml_ft", "errors", "config", "demo", "system"}),
+    ("task and data", {"tatqa", "scoring", "data"}),
+    ("models", {"model", "lora", "outputs", "runs", "generation", "meta_ckpt", "meta_tokenizer"}),
+    ("model transforms", {"plan", "merge", "consolidate", "quant"}),
+    ("training", {"train"}),
+    ("commands", {"eval", "infer", "serve", "bench", "export", "quantize", "env", "__main__"}),
+]
 
 
 def _modules() -> dict[str, Path]:
@@ -85,15 +96,47 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else module
+    return next(i for i, (_, names) in enumerate(LAYERS) if top in names)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a lower layer to a higher one, as 'a (layer) -> b (layer)'."""
+    return sorted(
+        f"{m} ({LAYERS[layer(m)][0]}) -> {d} ({LAYERS[layer(d)][0]})"
+        for m, deps in graph.items()
+        for d in deps
+        if layer(d) > layer(m)
+    )
+
+
+def test_every_module_has_a_layer():
+    unplaced = [m for m in _modules() if not any((m.split(".") + [""])[1] in n or m == "hpml_ft" for _, n in LAYERS)]
+    assert unplaced == [], "add these modules' packages to LAYERS"
+
+
+def test_layers_only_import_downwards():
+    assert upward_imports(_graph()) == []
+
+
+def test_layer_check_catches_a_planted_upward_import():
+    """A TAT-QA module that imported the eval CLI (even lazily) would be reported."""
+    mods = _modules()
+    tree = ast.parse((PKG / "tatqa" / "render.py").read_text() + "\ndef f():\n    from hpml_ft.eval.cli import main\n")
+    graph = {**_graph(), "hpml_ft.tatqa.render": _imported(tree, mods) - {"hpml_ft.tatqa.render"}}
+    assert upward_imports(graph) == ["hpml_ft.tatqa.render (task and data) -> hpml_ft.eval.cli (commands)"]
+
+
 def test_cycle_finder_sees_a_lazy_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    tree = ast.parse("def f():\n    from hpml_ft.train import main\n")
-    assert _imported(tree, {"hpml_ft.train": Path("x")}) == {"hpml_ft.train"}  # function-local imports count
+    tree = ast.parse("def f():\n    from hpml_ft.train.cli import main\n")
+    assert _imported(tree, {"hpml_ft.train.cli": Path("x")}) == {"hpml_ft.train.cli"}  # local imports count
 
 
 def test_no_import_cycles():
     graph = _graph()
-    assert "hpml_ft.runner" in graph and graph["hpml_ft.train"], "the graph must see the package"
+    assert "hpml_ft.train.runner" in graph and graph["hpml_ft.train"], "the graph must see the package"
     assert _cycles(graph) == []
 
 

@@ -8,9 +8,9 @@ import pytest
 
 from hpml_ft.config import load_config
 from hpml_ft.errors import UserError
-from hpml_ft.eval.tatqa.executor import execute, render_derivation
-from hpml_ft.tatqa_data import TATQA_SYSTEM, tatqa_samples
-from hpml_ft.tatqa_target import DERIVATION_SYSTEM, render_cells
+from hpml_ft.tatqa.executor import execute, render_derivation
+from hpml_ft.tatqa.render import TATQA_SYSTEM, tatqa_samples
+from hpml_ft.tatqa.target import DERIVATION_SYSTEM, render_cells
 
 TABLE = [
     ["", "2019", "2018"],

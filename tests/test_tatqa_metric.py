@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hpml_ft.eval.tatqa.metric import (
+from hpml_ft.tatqa.metric import (
     TaTQAScorer,
     _numpy_round2,
     is_number,

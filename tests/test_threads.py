@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from hpml_ft.threads import available_cores, resolve_threads
+from hpml_ft.system.threads import available_cores, resolve_threads
 
 LAUNCHED = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no"}
 
@@ -50,7 +50,7 @@ def test_available_cores_are_the_ones_this_process_may_run_on(monkeypatch):
 FAKE_CORES = (os.cpu_count() or 1) + 3
 CHILD = (
     f"import os; os.sched_getaffinity = lambda pid: set(range({FAKE_CORES})); "
-    "from hpml_ft.threads import apply_cpu_threads; import torch; apply_cpu_threads(); "
+    "from hpml_ft.system.threads import apply_cpu_threads; import torch; apply_cpu_threads(); "
     "print('N', torch.get_num_threads())"
 )
 LAUNCHER = textwrap.dedent(

@@ -57,7 +57,7 @@ def test_run_writes_loss_plot_samples_and_speed(tiny_model_dir, alpaca_file, tmp
 def test_speed_and_memory_in_every_training_log(tiny_model_dir, alpaca_file, tmp_path):
     from transformers import TrainerControl, TrainerState
 
-    from hpml_ft.callbacks import SpeedMemoryCallback
+    from hpml_ft.train.callbacks import SpeedMemoryCallback
 
     cb, state = SpeedMemoryCallback(), TrainerState()
     cb.on_train_begin(None, state, TrainerControl())
@@ -78,10 +78,10 @@ def test_tokens_per_s_is_the_batches_tokens_over_the_step_time(tiny_model_dir, a
 
     from transformers import TrainerCallback
 
-    from hpml_ft.callbacks import add_callbacks
     from hpml_ft.data import build_train_eval, load_splits
     from hpml_ft.model import build_model, load_tokenizer, wrap_peft
-    from hpml_ft.trainer import build_trainer
+    from hpml_ft.train.callbacks import add_callbacks
+    from hpml_ft.train.trainer import build_trainer
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("name: t\n")

@@ -88,7 +88,7 @@ def test_lora_trains_adapter_only(tiny_model_dir, alpaca_file, tmp_path):
     """The real build path (config -> model -> PEFT -> SFTTrainer): base frozen, adapter moves."""
     from hpml_ft.data import build_train_eval, load_splits
     from hpml_ft.model import build_model, load_tokenizer, wrap_peft
-    from hpml_ft.trainer import build_trainer
+    from hpml_ft.train.trainer import build_trainer
 
     cfg = load_config(_recipe(tmp_path), _overrides(tiny_model_dir, alpaca_file, tmp_path / "out", steps=2))
     tok = load_tokenizer(str(tiny_model_dir))

@@ -47,7 +47,7 @@ def _trainer(cfg, tiny_model_dir, tmp_path):
     """The real build path of a run: recipe -> data -> model -> adapter -> SFTConfig -> SFTTrainer."""
     from hpml_ft.data import build_train_eval, load_splits
     from hpml_ft.model import build_model, load_tokenizer, wrap_peft
-    from hpml_ft.trainer import build_trainer, sft_config
+    from hpml_ft.train.trainer import build_trainer, sft_config
 
     tok = load_tokenizer(str(tiny_model_dir))
     train_ds, _ = build_train_eval(cfg, tok, load_splits(cfg.data))
@@ -67,7 +67,7 @@ def test_every_sft_argument_is_mapped_to_a_recipe_key(tiny_model_dir, alpaca_fil
     from peft import LoraConfig
     from trl import SFTConfig
 
-    from hpml_ft.trainer import sft_arguments
+    from hpml_ft.train.trainer import sft_arguments
 
     cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, "train.save_steps=5")
     assert set(sft_arguments(cfg, 1)) <= set(SFT_MAPPED)
@@ -77,7 +77,7 @@ def test_every_sft_argument_is_mapped_to_a_recipe_key(tiny_model_dir, alpaca_fil
 
 def test_sft_extra_and_peft_extra_reach_the_dataclasses(tiny_model_dir, alpaca_file, tmp_path):
     from hpml_ft.lora import lora_config
-    from hpml_ft.trainer import sft_config
+    from hpml_ft.train.trainer import sft_config
 
     cfg = _cfg(
         tiny_model_dir,
@@ -119,12 +119,12 @@ def test_bad_extra_name_is_one_error_line_before_any_model_loads(
     tiny_model_dir, alpaca_file, tmp_path, monkeypatch, capsys, override, message
 ):
     import hpml_ft.model
-    import hpml_ft.train
+    import hpml_ft.train.cli
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(hpml_ft.train, "load_tokenizer", no_load)
+    monkeypatch.setattr(hpml_ft.train.cli, "load_tokenizer", no_load)
     monkeypatch.setattr(hpml_ft.model, "build_model", no_load)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: t\n")
@@ -139,7 +139,7 @@ def test_bad_extra_name_is_one_error_line_before_any_model_loads(
 
 def test_bad_extra_value_fails_in_preflight(tiny_model_dir, alpaca_file, tmp_path):
     """A known name with a value the dataclass refuses: one line from check_environment, no model."""
-    from hpml_ft.train import check_environment
+    from hpml_ft.train.cli import check_environment
 
     cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, "peft.extra={layers_to_transform: [0]}")
     with pytest.raises(
@@ -281,7 +281,7 @@ def test_scheduler_kwargs_and_dataloader_workers_reach_the_trainer(tiny_model_di
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed")
 def test_liger_without_the_package_is_one_clear_error(tiny_model_dir, alpaca_file, tmp_path):
-    from hpml_ft.train import check_environment
+    from hpml_ft.train.cli import check_environment
 
     cfg = _cfg(tiny_model_dir, alpaca_file, tmp_path, "train.use_liger_kernel=true")
     with pytest.raises(UserError, match="pip install liger-kernel"):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from hpml_ft.config import Config, DataConfig
 from hpml_ft.demo import generate_demo
 from hpml_ft.errors import fail
-from hpml_ft.tatqa_data import group_conversations, tatqa_samples
+from hpml_ft.tatqa.render import group_conversations, tatqa_samples
 
 if TYPE_CHECKING:
     from datasets import Dataset

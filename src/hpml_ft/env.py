@@ -105,7 +105,7 @@ def embedded_model() -> str:
 def report() -> dict[str, Any]:
     from hpml_ft.bench.report import git_commit
     from hpml_ft.model import cache_dir
-    from hpml_ft.threads import available_cores
+    from hpml_ft.system.threads import available_cores
 
     return {
         "hpml_ft": f"{hpml_ft.__version__}, commit {git_commit()} ({Path(hpml_ft.__file__).parent})",

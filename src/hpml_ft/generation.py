@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import string
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -59,15 +57,3 @@ def generate(
     model.train(was_training)
     secs = time.perf_counter() - start
     return outputs, {"new_tokens": new_tokens, "seconds": secs, "tokens_per_s": new_tokens / max(secs, 1e-9)}
-
-
-def normalize(text: str) -> str:
-    """Lower-case, drop punctuation and articles, squeeze spaces (SQuAD-style)."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(pred: str, gold: str) -> float:
-    return float(normalize(pred) == normalize(gold))

@@ -20,13 +20,12 @@ from hpml_ft.config import DTYPE_CHOICES, DataConfig, load_config
 from hpml_ft.config import runtime as rt
 from hpml_ft.data import load_samples, load_splits
 from hpml_ft.errors import ArgumentParser, UserError, fail, finite_float, run_cli
-from hpml_ft.eval.scoring import score_answers
-from hpml_ft.eval.tatqa.executor import execute
 from hpml_ft.generation import generate
 from hpml_ft.outputs import finished_runs, latest_finished_run
 from hpml_ft.runs import ModelSpec, load, model_config, resolve, run_config, run_of, with_adapter
-from hpml_ft.tatqa_data import render_table
-from hpml_ft.threads import apply_cpu_threads
+from hpml_ft.scoring import score_samples
+from hpml_ft.system.threads import apply_cpu_threads
+from hpml_ft.tatqa.render import render_table
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -195,12 +194,12 @@ def answer_rows(
     for spec, (texts, speed) in zip(specs, results, strict=True):
         row = {"model": spec.label, "path": spec.path, "adapter": spec.adapter, "answer": texts[j]}
         if sample is not None:
-            row["correct"] = score_answers([sample], [texts[j]], fmt)["exact_match"] == 100.0
-        if sample is not None and fmt == "tatqa":  # a derivation is shown next to what the executor computed
-            run = execute(texts[j])
-            if run.executed:
-                unit = "%" if run.scale == "percent" else f" {run.scale}" if run.scale else ""
-                row["computed"] = f"{run.answer}{unit}"
+            scored = score_samples([sample], [texts[j]], fmt)[0][0]  # the one scoring path (eval's too)
+            row["correct"] = scored["em"] == 1
+            if scored.get("executed"):  # a derivation is shown next to what the executor computed
+                scale = scored["pred_scale"]
+                unit = "%" if scale == "percent" else f" {scale}" if scale else ""
+                row["computed"] = f"{scored['pred_answer']}{unit}"
         rows.append({**row, "tokens_per_s": round(speed["tokens_per_s"], 2)})
     return rows
 

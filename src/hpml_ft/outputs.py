@@ -258,7 +258,7 @@ def check_not_input(target: str | Path, inputs: Iterable[str | Path | None], wha
 
 _LOCKS: dict[str, int] = {}  # lock files held for the life of this process (released by the kernel on exit)
 # What a fresh run writes before its first checkpoint; a dir holding only these is a failed start.
-# (tracker dirs, loss.png and samples.jsonl are written from the first logging step on: see callbacks.py)
+# (tracker dirs, loss.png and samples.jsonl are written from the first logging step on: see train/callbacks.py)
 _START_FILES = {
     "recipe.yaml",
     "checkpoints",

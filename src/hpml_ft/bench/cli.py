@@ -13,7 +13,6 @@ from hpml_ft.bench.report import (
     check_docs,
     docs_block,
     metadata,
-    print_json_line,
     write_docs,
     write_results,
 )
@@ -22,12 +21,13 @@ from hpml_ft.config import runtime as rt
 from hpml_ft.errors import ArgumentParser, fail
 from hpml_ft.outputs import check_output_target, write_text_atomic
 from hpml_ft.runs import base_model_path, standalone_dir
+from hpml_ft.system.measure import print_json_line
 
 METHODS = TRAIN_METHODS
 ON_OFF = {"off": False, "on": True}
 USAGE = """python -m hpml_ft.bench train     [--recipe R] [overrides] [--methods ...] [--packing off,on] ...
 python -m hpml_ft.bench generate  [--model embedded|DIR|RUN] [--batches 1,16] [--in-tokens 256] ...
-python -m hpml_ft.bench lowbit    ... (hpml_ft.quant.bench: PTQ / QAT low-bit models)
+python -m hpml_ft.bench lowbit    ... (hpml_ft.bench.lowbit: PTQ / QAT low-bit models)
 python -m hpml_ft.bench all       [--out DIR]   (the docs/performance.md tables, CPU defaults)
 any of them + --docs FILE [--docs-tag TAG]: write the tables into FILE between <!-- bench:KIND[:TAG] --> markers"""
 
@@ -181,10 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["lowbit"]:
         try:
-            from hpml_ft.quant.bench import main as lowbit_main
+            from hpml_ft.bench.lowbit import main as lowbit_main
         except ImportError as err:
             fail(
-                f"bench lowbit needs hpml_ft.quant.bench, which is not available here ({err}); reinstall hpml_ft"
+                f"bench lowbit needs hpml_ft.bench.lowbit, which is not available here ({err}); reinstall hpml_ft"
             )
         return lowbit_main(argv[1:])
     if argv[:1] == ["_train_worker"]:  # internal: one training configuration in this process

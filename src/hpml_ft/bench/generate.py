@@ -7,7 +7,6 @@ import argparse
 import random
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from hpml_ft.data import load_samples
 from hpml_ft.generation import generate
 from hpml_ft.model import load_causal_lm, load_tokenizer
 from hpml_ft.runs import standalone_dir
+from hpml_ft.system.measure import PeakRSS
 
 COLUMNS = [
     "variant",
@@ -114,36 +114,6 @@ def sized_prompts(kind: str, tok: Any, n: int, in_tokens: int, seed: int) -> lis
             size += 1
         out.append(msgs)
     return out
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled from /proc), in MiB."""
-
-    def __enter__(self) -> PeakRSS:
-        self.peak, self._stop = self._rss(), threading.Event()
-        self._t = threading.Thread(target=self._poll, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._t.join()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    @staticmethod
-    def _rss() -> float:
-        try:
-            with open("/proc/self/statm") as f:
-                import os
-
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        except OSError:
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def timed_generate(

@@ -5,7 +5,6 @@ markdown written into a doc between its `<!-- bench:<block> -->` and `<!-- /benc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -209,9 +208,3 @@ def write_profile(prof: Any, out: Path, name: str) -> None:
     table = prof.key_averages().table(sort_by=sort, row_limit=15)
     write_text_atomic(out / f"profile-{name}.md", f"# top 15 operators: {name}\n\n```\n{table}\n```\n")
     print(f"[bench] profile: {out / f'profile-{name}.json'}", file=sys.stderr)
-
-
-def print_json_line(data: dict[str, Any]) -> None:
-    """A worker's result: the last stdout line, read by the parent process."""
-    sys.stdout.flush()
-    print(json.dumps(data, default=str))

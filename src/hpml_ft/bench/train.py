@@ -6,9 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -17,12 +15,13 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from hpml_ft.allocator import pin_mmap_threshold
 from hpml_ft.bench.report import write_profile
 from hpml_ft.config import TRAIN_METHODS, grad_accum_steps, load_config
 from hpml_ft.data import build_train_eval, load_splits, token_stats
 from hpml_ft.model import build_model, count_parameters, load_tokenizer, wrap_peft
 from hpml_ft.runs import base_model_path
+from hpml_ft.system.allocator import pin_mmap_threshold
+from hpml_ft.system.measure import WorkerError, peak_memory, reset_device_peak, run_json_worker
 
 METHODS = TRAIN_METHODS
 COLUMNS = [
@@ -140,17 +139,10 @@ class StepTimer(TrainerCallback):
             write_profile(self.prof, self.profile_dir, self.name)
 
 
-def reset_peak() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """One configuration, in this process: the toolkit's data and trainer, a few optimizer steps."""
-    from hpml_ft.runner import build_trainer, peak_memory
-    from hpml_ft.trainer import sft_config
+    from hpml_ft.train.runner import build_trainer
+    from hpml_ft.train.trainer import sft_config
 
     cfg = load_config(job["recipe"], job["overrides"])
     if cfg.train.release_host_memory:
@@ -174,7 +166,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     profile_dir = Path(job["profile_dir"]) if job.get("profile_dir") else None
     timer = StepTimer(job["warmup"], profile_dir, job["config"])
     trainer.add_callback(timer)
-    reset_peak()
+    reset_device_peak()
     trainer.train()
     timed = timer.times[job["warmup"] :]
     per_step = accum  # collator calls per optimizer step
@@ -203,16 +195,6 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _die_with_parent() -> None:
-    """Linux: the worker gets SIGTERM when the bench process dies (timeout, Ctrl-C), never runs on orphaned."""
-    import contextlib
-    import ctypes
-    import signal
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def run_one(args: argparse.Namespace, c: dict[str, Any], out: Path) -> dict[str, Any]:
     """A configuration in its own process, so its peak memory is its own."""
     if c["liger"] and not liger_installed():
@@ -225,15 +207,12 @@ def run_one(args: argparse.Namespace, c: dict[str, Any], out: Path) -> dict[str,
             "warmup": args.warmup,
             "profile_dir": str(out) if args.profile else None,
         }
-        job_file = Path(tmp) / "job.json"
-        job_file.write_text(json.dumps(job))
-        cmd = [sys.executable, "-m", "hpml_ft.bench", "_train_worker", str(job_file)]
-        res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_die_with_parent)
-    if res.returncode:
-        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()] or ["no output"]
-        print(res.stderr[-4000:], file=sys.stderr)
-        return {**c, "status": f"error: {lines[-1][:300]}"}
-    return {**c, **json.loads(res.stdout.strip().splitlines()[-1]), "status": "ok"}
+        try:
+            result = run_json_worker(["hpml_ft.bench", "_train_worker"], job, f"bench train {c}")
+        except WorkerError as err:
+            print(err.stderr[-4000:], file=sys.stderr)
+            return {**c, "status": f"error: {err.last_line}"}
+    return {**c, **result, "status": "ok"}
 
 
 def run(args: argparse.Namespace, out: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -249,7 +228,7 @@ def run(args: argparse.Namespace, out: Path) -> tuple[list[dict[str, Any]], list
         "has tokens_per_s_overall: all tokens / all time); peak memory is the GPU allocator peak, else the "
         "process peak RSS.",
         "packing True = TRL bfd packing (position ids restart per sample; no attention across samples): one "
-        "flattened row for FlashAttention's varlen kernel, else one row per pack (hpml_ft.packing) with causal "
+        "flattened row for FlashAttention's varlen kernel, else one row per pack (hpml_ft.train.packing) with causal "
         "attention per sample on CPU; a packed run uses batch x mean sample length / max_length rows per step, "
         "about the padded run's samples. free = train.padding_free: each batch's own samples packed into rows "
         "the same way (same samples per step as the padded run).",

@@ -141,7 +141,7 @@ class TrainConfig(_Section):
     max_length: int = Field(512, gt=8)
     # bfd packing: samples packed into max_length rows before batching (per_device_batch_size then counts rows)
     packing: bool = False
-    padding_free: bool = False  # a micro-batch's samples packed into rows, no padding (packing.py)
+    padding_free: bool = False  # a micro-batch's samples packed into rows, no padding (train/packing.py)
     logging_steps: int = Field(5, gt=0)
     eval_steps: int | None = Field(None, gt=0)  # None: evaluate at the end only
     save_steps: int | None = Field(None, gt=0)  # None: no intermediate checkpoints
@@ -159,7 +159,7 @@ class TrainConfig(_Section):
     cpu_threads: int | None = Field(
         None, gt=0
     )  # torch threads per process on CPU; None = cores / local processes
-    # pin glibc's mmap threshold so freed tensors go back to the OS (allocator.py): TAT-QA LoRA peak RSS
+    # pin glibc's mmap threshold so freed tensors go back to the OS (system/allocator.py): TAT-QA LoRA peak RSS
     # 4.18 -> 2.63 GB but +35% step time on CPU (page faults on every large allocation). Off = glibc's default
     release_host_memory: bool = False
     sample_every: int = Field(

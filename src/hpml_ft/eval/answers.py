@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from hpml_ft.eval.ifeval import score_responses
 from hpml_ft.eval.safety import is_guard_template, prompts_for, score
-from hpml_ft.eval.scoring import score_samples
 from hpml_ft.generation import generate
 from hpml_ft.runs import ModelSpec, load_model, load_tokenizer
+from hpml_ft.scoring import score_samples
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -27,7 +27,7 @@ from hpml_ft.eval.report import write_results
 from hpml_ft.eval.tasks import load_task, resolve_models
 from hpml_ft.outputs import check_not_input, check_output_target
 from hpml_ft.runs import model_config
-from hpml_ft.threads import apply_cpu_threads
+from hpml_ft.system.threads import apply_cpu_threads
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

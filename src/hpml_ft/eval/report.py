@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpml_ft.eval.safety import safety_markdown
-from hpml_ft.eval.scoring import official_predictions
 from hpml_ft.eval.stats import add_intervals, interval_text
-from hpml_ft.eval.tatqa.metric import write_official_predictions
 from hpml_ft.outputs import atomic_dir, versions, write_json_atomic, write_text_atomic
+from hpml_ft.scoring import official_predictions
+from hpml_ft.tatqa.metric import write_official_predictions
 
 if TYPE_CHECKING:
     from hpml_ft.eval.tasks import Task

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from hpml_ft.eval.tatqa.executor import execute
-from hpml_ft.generation import normalize
+from hpml_ft.scoring import normalize
+from hpml_ft.tatqa.executor import execute
 
 
 def _canonical(value: str) -> str:

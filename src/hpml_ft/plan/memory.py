@@ -23,7 +23,7 @@ s = sequence, b = per-device batch, B = bytes per activation (2 in bf16/fp16, 4 
   step, so without DeepSpeed or accumulation they count in the step phase only.
 - Fixed overhead: CUDA context, cuBLAS workspaces, NCCL buffers, fragmentation (2 GiB on a GPU; on the
   CPU the resident size of a Python process with torch and transformers imported, 0.75 GiB).
-Checked against measured peaks on the CPU (scripts/gpu_check.py --cpu-measure); GPU: scripts/gpu_check.sh.
+Checked against measured peaks on the CPU (docs/scale-out.md); `python -m hpml_ft.bench train` measures them.
 """
 
 from __future__ import annotations

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from hpml_ft.errors import run_cli
 from hpml_ft.generation import generate
 from hpml_ft.model import load_causal_lm, load_tokenizer
 from hpml_ft.quant.ptq import dir_size_mib, packed_size_mib
+from hpml_ft.system.measure import peak_memory, reset_device_peak, run_json_worker
 
 DEFAULT_PROMPTS = [
     "List three uses of a paperclip.",
@@ -27,17 +26,13 @@ DEFAULT_PROMPTS = [
 
 def measure(path: str, prompts: list[list[dict]], max_new_tokens: int = 64, prompt_lookup: int = 0) -> dict:
     """Greedy generation over `prompts` (batch 1, the decode regime low-bit kernels target)."""
-    import torch
-
-    from hpml_ft.runner import peak_memory  # lazy: runner imports transformers
 
     start = time.perf_counter()
     tok = load_tokenizer(path)
     model = load_causal_lm(path)
     load_s = time.perf_counter() - start
     extra: dict[str, Any] = {"prompt_lookup_num_tokens": prompt_lookup} if prompt_lookup else {}
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    reset_device_peak()
     texts, speed = generate(model, tok, prompts, max_new_tokens, batch_size=1, **extra)
     return {
         "path": path,
@@ -50,23 +45,6 @@ def measure(path: str, prompts: list[list[dict]], max_new_tokens: int = 64, prom
         **peak_memory(),
         "texts": texts,
     }
-
-
-def run_json_worker(args: list[str], payload: Any, what: str) -> dict:
-    """`python -m ARGS PAYLOAD.json` in a fresh process (its peak memory is its own); its last stdout line is JSON."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(payload, f)
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", *args, f.name], capture_output=True, text=True, check=False
-        )
-    finally:
-        Path(f.name).unlink(missing_ok=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measure_in_subprocess(path: str, prompts: list[list[dict]] | None = None, prompt_lookup: int = 0) -> dict:

@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from hpml_ft.errors import fail
-from hpml_ft.tatqa_target import DERIVATION_SYSTEM, derivation_target, render_cells
+from hpml_ft.tatqa.target import DERIVATION_SYSTEM, derivation_target, render_cells
 
 TATQA_SYSTEM = (
     "Answer the question from the table and the paragraphs of a financial report. Reply with the answer only: "
@@ -31,7 +31,7 @@ def render_table(rows: list[list[Any]]) -> str:
 
 
 def render_context(ctx: dict, table: str = "pipe") -> str:
-    """Table (`pipe`, or `cells`: one labelled line per cell, see tatqa_target) and paragraphs."""
+    """Table (`pipe`, or `cells`: one labelled line per cell, see tatqa.target) and paragraphs."""
     paras = sorted(ctx.get("paragraphs", []), key=lambda p: p.get("order", 0))
     text = "\n".join(p["text"] for p in paras)
     rows = ctx["table"]["table"]

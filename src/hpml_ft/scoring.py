@@ -1,13 +1,28 @@
-"""Scoring answers against gold: exact match / token F1, and TAT-QA with the official scorer's semantics."""
+"""The one scoring path: every score (eval, training's quick eval, infer's verdicts, bench lowbit) comes from
+`score_samples`: exact match / token F1 of plain answers, and TAT-QA through the derivation executor and the
+official scorer's semantics (hpml_ft.tatqa)."""
 
 from __future__ import annotations
 
+import re
+import string
 from collections import Counter
 from typing import Any
 
-from hpml_ft.eval.tatqa.executor import execute
-from hpml_ft.eval.tatqa.metric import TaTQAScorer, score_prediction
-from hpml_ft.generation import exact_match, normalize
+from hpml_ft.tatqa.executor import execute
+from hpml_ft.tatqa.metric import TaTQAScorer
+
+
+def normalize(text: str) -> str:
+    """Lower-case, drop punctuation and articles, squeeze spaces (SQuAD-style)."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(pred: str, gold: str) -> float:
+    return float(normalize(pred) == normalize(gold))
 
 
 def token_f1(pred: str, gold: str) -> float:
@@ -17,22 +32,6 @@ def token_f1(pred: str, gold: str) -> float:
         return float(p == g)
     precision, recall = common / len(p), common / len(g)
     return 2 * precision * recall / (precision + recall)
-
-
-def score_answers(samples: list[dict], preds: list[str], fmt: str) -> dict[str, Any]:
-    """Mean EM and F1 in percent; TAT-QA samples use the official scale-aware scorer."""
-    if fmt == "tatqa":
-        runs = [execute(p) for p in preds]  # derivations computed, other answers parsed
-        rows = [
-            score_prediction(s["meta"]["gold"], r.answer, r.scale) for s, r in zip(samples, runs, strict=True)
-        ]
-        ems, f1s = [r[0] for r in rows], [r[1] for r in rows]
-    else:
-        golds = [s["messages"][-1]["content"] for s in samples]
-        ems = [exact_match(p, g) for p, g in zip(preds, golds, strict=True)]
-        f1s = [token_f1(p, g) for p, g in zip(preds, golds, strict=True)]
-    n = max(len(preds), 1)
-    return {"exact_match": round(100 * sum(ems) / n, 2), "f1": round(100 * sum(f1s) / n, 2)}
 
 
 def _pct(x: float) -> float:
@@ -108,13 +107,13 @@ def score_samples(samples: list[dict], preds: list[str], fmt: str) -> tuple[list
         }
     rows = [
         {
-            "id": s["id"],
+            "id": s.get("id", i),
             "prompt": prompt_text(s["messages"][:-1]),
             "gold": s["messages"][-1]["content"],
             "pred": p,
             **e,
         }
-        for s, p, e in zip(samples, preds, extra, strict=True)
+        for i, (s, p, e) in enumerate(zip(samples, preds, extra, strict=True))
     ]
     return rows, {"n": len(samples), **metrics}
 

@@ -3,7 +3,7 @@
 The model writes the arithmetic (or, for counting, the items counted) and this module computes the answer, so a
 small model never has to do arithmetic itself (TAT-LLM's extractor -> reasoner -> executor split).
 
-Forms (the assistant turns built by `tatqa_target` in derivation mode):
+Forms (the assistant turns built by `tatqa.target` in derivation mode):
 
 * ``EXPR [| SCALE]``: numbers (``1,571.7``, ``$3.2``, ``-3``, ``12.5%``), ``+ - * /``, parentheses ``()`` or ``[]``; SCALE is
   thousand, million, billion or percent. The value of EXPR is the answer in that scale (a ratio shown as a
@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from hpml_ft.eval.tatqa.normalize import parse_model_output
+from hpml_ft.tatqa.normalize import parse_model_output
 
 MAX_CHARS = 400  # a derivation longer than this is not one
 MAX_DEPTH = 12  # parenthesis nesting

@@ -4,7 +4,7 @@ Per question (see :func:`score_prediction`):
 
 * An empty prediction (``None``, ``""``, ``[]`` and, as in the official scorer, the numbers ``0``/``0.0``)
   scores EM 0, F1 0, and no scale credit. So does a gold answer with no items.
-* Gold and prediction each become ONE comparison string (:func:`hpml_ft.eval.tatqa.normalize.answer_string`):
+* Gold and prediction each become ONE comparison string (:func:`hpml_ft.tatqa.normalize.answer_string`):
   items sorted, numbers rounded to 2 decimals and multiplied by the scale, joined with spaces. A wrong
   scale therefore breaks EM for numbers, and adds the scale word to text spans. Multi-span answers are
   compared as one joined string, so the 1-to-1 span alignment of DROP always has a single pair here.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hpml_ft.eval.tatqa.normalize import (
+from hpml_ft.tatqa.normalize import (
     SCALES,
     answer_string,
     is_number,

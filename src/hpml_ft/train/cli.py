@@ -14,10 +14,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from hpml_ft.allocator import pin_mmap_threshold
 from hpml_ft.config import ADAPTER_METHODS, Config, grad_accum_steps, load_config
 from hpml_ft.data import build_train_eval, load_splits
-from hpml_ft.errors import ArgumentParser, fail, run_cli
+from hpml_ft.errors import ArgumentParser, fail
 from hpml_ft.lora import lora_config
 from hpml_ft.model import attn_implementation, check_bitsandbytes, load_tokenizer, torch_dtype
 from hpml_ft.outputs import (
@@ -30,9 +29,10 @@ from hpml_ft.outputs import (
     run_state,
     staging_run_dir,
 )
-from hpml_ft.report import print_dry_run
 from hpml_ft.runs import base_model_path
-from hpml_ft.threads import apply_cpu_threads
+from hpml_ft.system.allocator import pin_mmap_threshold
+from hpml_ft.system.threads import apply_cpu_threads
+from hpml_ft.train.report import print_dry_run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_environment(cfg: Config) -> None:
     """Checks that need no model: precision, attention, optional packages, DeepSpeed JSON, tracking backends,
     and the TRL/PEFT settings themselves (SFTConfig / LoraConfig are built once here, without a model)."""
-    from hpml_ft.trainer import check_hub_push, precision_flags  # imports torch
+    from hpml_ft.train.trainer import check_hub_push, precision_flags  # imports torch
 
     precision_flags(cfg)  # fp16/bf16 asked for on a machine that cannot run it
     check_hub_push(cfg)  # push_to_hub offline or without a usable token
@@ -88,7 +88,7 @@ def check_deepspeed(ds: Path) -> None:
 def check_trl_peft_values(cfg: Config) -> None:
     """The names in train.sft_extra / peft.extra were checked at load; their values are checked here, by the
     dataclasses themselves, before any model loads (no-op for recipes that use neither)."""
-    from hpml_ft.trainer import sft_config  # imports transformers
+    from hpml_ft.train.trainer import sft_config  # imports transformers
 
     p = cfg.peft
     if p.method in ADAPTER_METHODS and (p.extra or p.modules_to_save or p.init_lora_weights is not True):
@@ -200,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print_dry_run(cfg, model_path, train_ds, accum)
         return 0
-    from hpml_ft.runner import run_training  # the run itself: loads torch/transformers/trl
+    from hpml_ft.train.runner import run_training  # the run itself: loads torch/transformers/trl
 
     apply_cpu_threads(cfg.train.cpu_threads)  # every core this process owns, also under accelerate launch
     if cfg.train.release_host_memory:
-        pin_mmap_threshold()  # freed tensors go back to the OS: RSS = live memory (allocator.py)
+        pin_mmap_threshold()  # freed tensors go back to the OS: RSS = live memory (system/allocator.py)
     try:
         run_dir, resume = prepare_run_dir(cfg)
         code = run_training(
@@ -217,6 +217,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         release_run_locks()
 
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -2,10 +2,10 @@
 
 Targets, built from the gold `answer`, `answer_type`, `scale` and `derivation` fields:
 
-* ``answer``: the plain answer with its scale (`tatqa_data.render_answer`), as before.
+* ``answer``: the plain answer with its scale (`tatqa.render.render_answer`), as before.
 * ``derivation``: arithmetic -> the gold derivation in one canonical spelling, then its scale
   (``(44.1 - 56.7) / 56.7 * 100 | percent``); count -> ``count: item | item`` (the executor counts the items);
-  spans -> the plain answer. A target is kept only when `eval.tatqa.executor.execute` turns it back into the gold answer
+  spans -> the plain answer. A target is kept only when `tatqa.executor.execute` turns it back into the gold answer
   under the official scorer; otherwise (no derivation, or one that does not reproduce the answer) the sample falls
   back to the plain answer, and the loader reports how many did.
 * ``extract``: as ``derivation``, with one line per number before the expression, naming the table cell it
@@ -21,8 +21,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from hpml_ft.eval.tatqa.executor import ExecError, evaluate_expression, execute, render_derivation
-from hpml_ft.eval.tatqa.metric import score_prediction
+from hpml_ft.tatqa.executor import ExecError, evaluate_expression, execute, render_derivation
+from hpml_ft.tatqa.metric import score_prediction
 
 # The example's numbers are made up on purpose. The first version used `(44.1 - 56.7) / 56.7 * 100`, a real
 # dev-file question whose table is held out: the tuned model wrote it (or its first half) for four held-out

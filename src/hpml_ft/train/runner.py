@@ -15,18 +15,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpml_ft.callbacks import ProfileCallback, add_callbacks, setup_tracking, tracking_notes, write_loss_plot
 from hpml_ft.config import ADAPTER_METHODS, Config, dump_config, world_size
-from hpml_ft.eval.scoring import score_answers
-from hpml_ft.eval.tatqa.executor import execute
 from hpml_ft.generation import generate
 from hpml_ft.lora import convert_saved_adapter, save_initial_adapter
 from hpml_ft.merge import merge_adapter, set_generation_eos
 from hpml_ft.model import build_model, count_parameters, wrap_peft
 from hpml_ft.outputs import RUN_RECORD, finalize_dir, staged, versions, write_json_atomic, write_text_atomic
 from hpml_ft.quant.qat import attach_distillation, convert_run, prepare_qat, rounded_once, strip_fake_quant
-from hpml_ft.report import model_card
-from hpml_ft.trainer import InterruptCallback, build_trainer, sft_config
+from hpml_ft.scoring import score_samples
+from hpml_ft.system.measure import peak_memory
+from hpml_ft.train.callbacks import (
+    ProfileCallback,
+    add_callbacks,
+    setup_tracking,
+    tracking_notes,
+    write_loss_plot,
+)
+from hpml_ft.train.report import model_card
+from hpml_ft.train.trainer import InterruptCallback, build_trainer, sft_config
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -142,13 +148,8 @@ def quick_eval(
     batch = t.generate_batch_size or 2 * t.per_device_batch_size
     with rounded_once(model):  # QAT: round the weights once, not at every generated token
         preds, speed = generate(model, tok, prompts, t.max_new_tokens, batch_size=batch)
-    scores = score_answers(samples, preds, fmt)  # TAT-QA: derivations computed by the executor first
-    if fmt == "tatqa":
-        runs = [execute(p) for p in preds]
-        scores["executor"] = {
-            "executed": sum(r.executed for r in runs),
-            "parse_failures": sum(r.failed for r in runs),
-        }
+    _, metrics = score_samples(samples, preds, fmt)  # TAT-QA: derivations computed by the executor first
+    scores = {k: metrics[k] for k in ("exact_match", "f1", "executor") if k in metrics}
     examples = [
         {"prompt": s["meta"].get("question", "")[:200], "gold": s["messages"][-1]["content"], "pred": p}
         for s, p in list(zip(samples, preds, strict=True))[:3]
@@ -199,17 +200,6 @@ def train_metrics(run: Run, train_loss: float, seconds: float) -> dict[str, Any]
         "resumed_from": resume,
         "steps_run": state.global_step - (int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0),
     }
-
-
-def peak_memory() -> dict[str, float]:
-    import resource
-
-    import torch
-
-    out = {"cpu_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if torch.cuda.is_available():
-        out["gpu_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return out
 
 
 def save(run: Run) -> None:

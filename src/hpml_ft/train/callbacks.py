@@ -16,22 +16,12 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 
 from hpml_ft.generation import generate
+from hpml_ft.system.measure import rss_mib
 
 if TYPE_CHECKING:
     from trl import SFTConfig, SFTTrainer
 
     from hpml_ft.config import Config
-
-
-def rss_mib() -> float:
-    """Current resident memory of this process (MiB); peak RSS stays in metrics.json."""
-    try:
-        with open("/proc/self/statm") as f:
-            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-    except (OSError, ValueError):
-        import resource
-
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 class SpeedMemoryCallback(TrainerCallback):
@@ -55,7 +45,7 @@ class SpeedMemoryCallback(TrainerCallback):
         import torch
 
         now, steps = time.perf_counter(), state.global_step - self._step
-        extra: dict[str, float] = {"rss_mib": rss_mib()}
+        extra: dict[str, float] = {"rss_mib": round(rss_mib(), 1)}
         if steps > 0:
             secs = now - self._t
             extra["step_time_s"] = round(secs / steps, 3)

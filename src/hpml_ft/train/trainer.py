@@ -16,7 +16,7 @@ from hpml_ft.config import Config
 from hpml_ft.config.load import REDACTED, is_secret_key
 from hpml_ft.errors import fail
 from hpml_ft.lora import loraplus_optimizer
-from hpml_ft.packing import (
+from hpml_ft.train.packing import (
     needs_row_layout,
     packed_rows_collator,
     padding_free_collator,
@@ -173,7 +173,7 @@ def build_trainer(
     args: SFTConfig | None = None,
 ) -> SFTTrainer:
     """SFTTrainer over the wrapped model; LoRA+ (peft.loraplus_lr_ratio) replaces the stock optimizer; packed
-    rows keep their own rows where attention has no varlen kernel (packing.py)."""
+    rows keep their own rows where attention has no varlen kernel (train/packing.py)."""
     from trl import SFTTrainer
 
     args = args or sft_config(cfg, accum)

@@ -16,20 +16,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hpml_ft.bench.lowbit_report import write_report
 from hpml_ft.bench.report import add_docs_args, check_docs, docs_block, header_line, metadata, write_docs
 from hpml_ft.config import DataConfig
 from hpml_ft.config import runtime as rt
 from hpml_ft.data import load_samples, load_splits
 from hpml_ft.errors import ArgumentParser, fail, run_cli
 from hpml_ft.eval.safety import is_guard_template, load_safety_file, prompts_for, score
-from hpml_ft.eval.scoring import score_answers
 from hpml_ft.generation import generate
 from hpml_ft.model import load_causal_lm, load_tokenizer
 from hpml_ft.outputs import check_output_target
-from hpml_ft.quant.measure import run_json_worker
 from hpml_ft.quant.ptq import check_spec, check_torchao, dir_size_mib, packed_size_mib, quantize_dir
-from hpml_ft.quant.report import write_report
 from hpml_ft.runs import standalone_dir
+from hpml_ft.scoring import score_samples
+from hpml_ft.system.measure import peak_memory, run_json_worker
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,7 +87,6 @@ def load_items(args: argparse.Namespace) -> tuple[str, list[dict]]:
 
 def evaluate_one(job: dict[str, Any]) -> dict[str, Any]:
     """In the worker process: load, answer every item greedily at batch 1, score, measure."""
-    from hpml_ft.runner import peak_memory  # lazy: runner imports transformers
 
     path, kind, items = job["path"], job["kind"], job["items"]
     start = time.perf_counter()
@@ -102,8 +101,8 @@ def evaluate_one(job: dict[str, Any]) -> dict[str, Any]:
     if kind == "safety":
         metrics = score(items, preds)[1]
     else:
-        metrics = score_answers(items, preds, kind)
-        metrics["accuracy"] = metrics["exact_match"]
+        scored = score_samples(items, preds, kind)[1]  # the one scoring path
+        metrics = {"exact_match": scored["exact_match"], "f1": scored["f1"], "accuracy": scored["exact_match"]}
     return {
         **metrics,
         "ms_per_token": round(1000 * speed["seconds"] / max(speed["new_tokens"], 1), 2),
@@ -117,7 +116,7 @@ def evaluate_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_worker(job: dict[str, Any]) -> dict[str, Any]:
-    return run_json_worker(["hpml_ft.quant.bench", "--worker"], job, f"evaluating {job['path']}")
+    return run_json_worker(["hpml_ft.bench.lowbit", "--worker"], job, f"evaluating {job['path']}")
 
 
 def plan_rows(args: argparse.Namespace, fp: str, out: Path) -> list[dict[str, Any]]:
