@@ -17,6 +17,7 @@ COMMANDS = {
     "quantize": "low-bit PTQ (int8/4/3/2) of a model",
     "bench": "speed and memory of training, generation and low-bit models",
     "plan": "memory and batch plan of a recipe on a GPU or CPU",
+    "export": "a model -> one GGUF file (llama.cpp, Ollama) + a Modelfile",
 }
 USAGE = (
     f"hpml_ft {hpml_ft.__version__}\n\nusage: python -m hpml_ft env [--json] | --version\n"
