@@ -1,4 +1,8 @@
-"""The recipe schema: every section, every default, and the checks across sections (loading is in load.py)."""
+"""The recipe schema: every section, every default, and the checks across sections (loading is in load.py).
+
+Over 300 lines: the one home of every recipe key and its default, with the checks that span sections; a
+section could move to its own module (with its checks) if this grows much further.
+"""
 
 from __future__ import annotations
 
@@ -114,6 +118,9 @@ class PeftConfig(_Section):
 
 
 class TrainConfig(_Section):
+    # sft: supervised fine-tuning on the answers (SFTTrainer); grpo: reward fine-tuning on the prompts with
+    # sampled answers scored by grpo.rewards (GRPOTrainer), usually from a finished SFT run
+    stage: Literal["sft", "grpo"] = "sft"
     output_dir: str = "outputs"
     run_name: str | None = None  # default: the recipe's `name`
     learning_rate: float = Field(2e-4, gt=0)
@@ -183,6 +190,37 @@ class TrainConfig(_Section):
         return check_extra("train.sft_extra", v)
 
 
+class GrpoConfig(_Section):
+    """train.stage=grpo (TRL GRPOTrainer). Optimizer, schedule, steps, checkpoints and the quick eval are train.*;
+    train.per_device_batch_size / effective_batch_size count completions: effective / num_generations prompts
+    per optimizer step. train.max_length bounds prompt + completion (longer prompts are left out)."""
+
+    # names from train/rewards.py (tatqa_correct, tatqa_f1, tatqa_scale, tatqa_format) or module:function
+    rewards: list[str] = []
+    reward_weights: list[float] | None = None  # one per reward, summed before the advantage; None = all 1.0
+    num_generations: int = Field(4, ge=2)  # completions per prompt: advantages compare a prompt's completions
+    max_completion_length: int = Field(64, gt=0)  # tokens sampled per completion
+    temperature: float = Field(1.0, gt=0)  # sampling temperature: too low and a group's completions are equal
+    top_p: float = Field(1.0, gt=0, le=1)
+    # KL penalty to the starting model; 0 = no reference model (TRL's default: no second forward pass)
+    beta: float = Field(0.0, ge=0)
+    num_iterations: int = Field(1, gt=0)  # optimizer passes over each generated batch (mu in the GRPO paper)
+    epsilon: float = Field(0.2, gt=0)  # clip range of the policy ratio
+    # dapo (TRL's default): token-level mean over the batch; grpo: per-sequence mean; dr_grpo: fixed normalizer
+    loss_type: Literal["dapo", "grpo", "bnpo", "dr_grpo"] = "dapo"
+    # advantages divided by the reward std of the prompt's group, of the batch, or not at all (Dr. GRPO)
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> GrpoConfig:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(
+                f"grpo.reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} grpo.rewards; "
+                "give one weight per reward (or drop reward_weights for all 1.0)"
+            )
+        return self
+
+
 class DistillConfig(_Section):
     # loss = (1 - weight) * cross-entropy + weight * T^2 * KL(teacher_T || student_T); 0 = no teacher loaded
     weight: float = Field(0.0, ge=0.0, le=1.0)
@@ -216,6 +254,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     quant: QuantConfig = QuantConfig()
+    grpo: GrpoConfig = GrpoConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -258,7 +297,37 @@ class Config(_Section):
         if self.quant.bits is not None and self.quant.distill.weight > 0 and t.deepspeed:
             raise ValueError("quant.distill with DeepSpeed is not supported; set quant.distill.weight=0")
         self._check_lora_options()
+        self._check_grpo()
         return self
+
+    def _check_grpo(self) -> None:
+        t, g = self.train, self.grpo
+        if t.stage != "grpo":
+            return
+        if not g.rewards:
+            raise ValueError(
+                "train.stage=grpo needs grpo.rewards, e.g. grpo.rewards=[tatqa_correct,tatqa_format] (built-in names "
+                "or module:function)"
+            )
+        if t.effective_batch_size % g.num_generations:
+            raise ValueError(
+                f"train.effective_batch_size={t.effective_batch_size} counts completions and must be a multiple of "
+                f"grpo.num_generations={g.num_generations} (whole groups per step)"
+            )
+        sft_only = {
+            "train.packing": t.packing,
+            "train.padding_free": t.padding_free,
+            "train.neftune_noise_alpha": t.neftune_noise_alpha is not None,
+            "train.sft_extra": bool(t.sft_extra),
+            "train.eval_steps": t.eval_steps is not None,  # no held-out loss: the quick eval scores answers
+            "data.tatqa_multi_turn": self.data.tatqa_multi_turn,  # GRPO prompts are one question each
+            "quant.bits": self.quant.bits is not None,
+        }
+        if set_keys := [k for k, on in sft_only.items() if on]:
+            raise ValueError(
+                f"{', '.join(set_keys)} apply to train.stage=sft, not grpo; unset them (GRPO runs take train.* "
+                "optimizer/batch/checkpoint keys and grpo.*)"
+            )
 
     def _check_lora_options(self) -> None:
         p, t = self.peft, self.train

@@ -1,4 +1,5 @@
-"""`python -m hpml_ft.train RECIPE [section.key=value ...] [--dry-run]`: recipe -> TRL SFTTrainer run.
+"""`python -m hpml_ft.train RECIPE [section.key=value ...] [--dry-run]`: recipe -> TRL SFTTrainer run (GRPOTrainer
+for train.stage=grpo).
 
 Order matters: everything that can be checked without a model (config, files, data, tokenizer, output dir) is
 checked first, so a typo costs seconds, not a model load.
@@ -33,6 +34,7 @@ from hpml_ft.runs import base_model_path
 from hpml_ft.system.allocator import pin_mmap_threshold
 from hpml_ft.system.threads import apply_cpu_threads
 from hpml_ft.train.report import print_dry_run
+from hpml_ft.train.rewards import reward_functions
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,6 +73,8 @@ def check_environment(cfg: Config) -> None:
         if backend != "none" and importlib.util.find_spec(backend) is None:
             fail(f"tracking.report_to lists {backend} but it is not installed: pip install {backend}")
     check_trl_peft_values(cfg)
+    if cfg.train.stage == "grpo":
+        reward_functions(cfg.grpo.rewards)  # unknown names, user modules that do not import: one line, now
 
 
 def check_deepspeed(ds: Path) -> None:
@@ -196,7 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     model_path = base_model_path(cfg.model.name_or_path)  # a finished run dir: its merged/ model
     check_run_inputs(cfg, model_path)
     tok = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    train_ds, eval_ds = build_train_eval(cfg, tok, splits)
+    if cfg.train.stage == "grpo":
+        from hpml_ft.train.grpo import prompt_dataset  # the prompts, gold answers as reward columns
+
+        train_ds, eval_ds = prompt_dataset(cfg, tok, splits), None
+    else:
+        train_ds, eval_ds = build_train_eval(cfg, tok, splits)
     if args.dry_run:
         print_dry_run(cfg, model_path, train_ds, accum)
         return 0

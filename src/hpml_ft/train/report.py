@@ -31,9 +31,14 @@ def parameter_counts(cfg: Config, model_path: str) -> tuple[int, int]:
 
 def derived_numbers(cfg: Config, model_path: str, train_ds: Dataset, accum: int) -> dict[str, Any]:
     t, procs = cfg.train, world_size()
+    trainable, total = parameter_counts(cfg, model_path)
+    share = f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+    if t.stage == "grpo":
+        from hpml_ft.train.grpo import dry_run_numbers  # prompts, generations and completions per step
+
+        return {**dry_run_numbers(cfg, train_ds, accum, procs), "trainable_params": share}
     stats = token_stats(train_ds, t.max_length)
     steps_per_epoch = -(-stats["samples"] // t.effective_batch_size)
-    trainable, total = parameter_counts(cfg, model_path)
     return {
         "processes": procs,
         "effective_batch": f"{t.per_device_batch_size} per device x {accum} accumulation x {procs} processes "
@@ -51,7 +56,7 @@ def derived_numbers(cfg: Config, model_path: str, train_ds: Dataset, accum: int)
             else "padded to the longest sample of each micro-batch"
         ),
         "optimizer_steps": t.max_steps or int(steps_per_epoch * (t.num_epochs or 1)),
-        "trainable_params": f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
+        "trainable_params": share,
     }
 
 
@@ -61,6 +66,9 @@ def print_dry_run(cfg: Config, model_path: str, train_ds: Dataset, accum: int) -
     print("# derived")
     for k, v in derived_numbers(cfg, model_path, train_ds, accum).items():
         print(f"{k}: {v}")
+    if cfg.train.stage == "grpo":  # the planner models SFT steps, not generation + a policy update
+        print("# memory estimate: not modelled for train.stage=grpo")
+        return
     try:
         from hpml_ft.plan import plan_text_for_config
     except ImportError:  # the planner is optional in the dry run
@@ -71,6 +79,13 @@ def print_dry_run(cfg: Config, model_path: str, train_ds: Dataset, accum: int) -
 
 def model_card(cfg: Config, metrics: dict[str, Any], artifacts: dict[str, str]) -> str:
     before, after = metrics.get("before", {}), metrics.get("after", {})
+    grpo = cfg.train.stage == "grpo"
+    how = cfg.peft.method + (f", GRPO on rewards {', '.join(cfg.grpo.rewards)}" if grpo else "")
+    reward = (
+        f"mean reward {metrics['first_reward']} -> {metrics['final_reward']}, "
+        if "final_reward" in metrics
+        else ""
+    )
     rows = [
         f"| {k} | {before.get(k, '-')} | {after.get(k, '-')} |" for k in ("eval_loss", "exact_match", "f1")
     ]
@@ -78,13 +93,13 @@ def model_card(cfg: Config, metrics: dict[str, Any], artifacts: dict[str, str]) 
         [
             f"# {cfg.run_name}",
             "",
-            f"Fine-tuned from `{cfg.model.name_or_path}` with hpml_ft ({cfg.peft.method}) on `{cfg.data.path}`.",
+            f"Fine-tuned from `{cfg.model.name_or_path}` with hpml_ft ({how}) on `{cfg.data.path}`.",
             "",
             "| metric (held-out split) | before | after |",
             "|---|---|---|",
             *rows,
             "",
-            f"Steps: {metrics.get('global_step')}, final loss {metrics.get('final_loss')}, "
+            f"Steps: {metrics.get('global_step')}, final loss {metrics.get('final_loss')}, {reward}"
             f"runtime {metrics.get('train_runtime_s')} s.",
             "",
             "Artifacts: "

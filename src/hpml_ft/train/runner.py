@@ -31,13 +31,14 @@ from hpml_ft.train.callbacks import (
     tracking_notes,
     write_loss_plot,
 )
+from hpml_ft.train.grpo import build_grpo_trainer, drop_reference_adapter, grpo_config, reward_metrics
 from hpml_ft.train.report import model_card
 from hpml_ft.train.trainer import InterruptCallback, build_trainer, sft_config
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-    from trl import SFTTrainer
+    from trl import GRPOTrainer, SFTTrainer
 
     from hpml_ft.data import Splits
 
@@ -50,7 +51,7 @@ class Run:
     base_path: str
     tok: PreTrainedTokenizerBase
     splits: Splits
-    trainer: SFTTrainer
+    trainer: SFTTrainer | GRPOTrainer
     run_dir: Path
     accum: int
     resume: str | None
@@ -97,7 +98,8 @@ def setup(
     run_dir: Path,
     profile: bool,
 ) -> Run:
-    """Model (+ QAT, + adapter), SFTTrainer, callbacks; the recipe is saved in the run dir first."""
+    """Model (+ QAT, + adapter), SFTTrainer (GRPOTrainer for train.stage=grpo), callbacks; the recipe is saved
+    in the run dir first."""
     from transformers import set_seed
 
     set_seed(cfg.train.seed)
@@ -105,13 +107,17 @@ def setup(
     write_text_atomic(run_dir / "recipe.yaml", dump_config(cfg))
     # Training arguments first: with ZeRO-3 they register the DeepSpeed config, so the model below is
     # partitioned while it loads instead of materialising in full on every rank.
-    args = sft_config(cfg, accum, run_dir)
+    grpo = cfg.train.stage == "grpo"
+    args = grpo_config(cfg, accum, run_dir) if grpo else sft_config(cfg, accum, run_dir)
     model, teacher = prepare_qat(build_model(cfg, base_path), cfg)  # no-op without quant.bits/qat
     model = wrap_peft(model, cfg, cfg.train.gradient_checkpointing)
     trainable, total = count_parameters(model)
     print(f"[hpml_ft] {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters")
     setup_tracking(cfg, args, run_dir)  # tracker files in the run dir; wandb offline, never a prompt
-    trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, accum, args)
+    if grpo:  # prompts with their gold columns; no eval loss (the quick eval scores held-out answers)
+        trainer = build_grpo_trainer(cfg, model, tok, train_ds, args)
+    else:
+        trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, accum, args)
     single = world_size() == 1 and not cfg.train.deepspeed
     add_callbacks(trainer, cfg, tok, splits.eval if single else [], run_dir)
     if profile:
@@ -199,6 +205,7 @@ def train_metrics(run: Run, train_loss: float, seconds: float) -> dict[str, Any]
         # what this process did: a resume must start at its checkpoint, not at step 0
         "resumed_from": resume,
         "steps_run": state.global_step - (int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0),
+        **reward_metrics(state.log_history),  # GRPO: mean reward per log step, per reward function
     }
 
 
@@ -217,6 +224,7 @@ def save(run: Run) -> None:
         "metrics": run.metrics,
     }
     strip_fake_quant(trainer.model)  # quant: save the trained full-precision weights ...
+    drop_reference_adapter(trainer.model)  # GRPO with beta > 0: TRL's copy of the starting LoRA
     artifacts = save_artifacts(trainer, cfg, run.tok, run.base_path, record, run.init_adapter)
     if not main:
         return
@@ -230,7 +238,7 @@ def save(run: Run) -> None:
 
 
 def save_artifacts(
-    trainer: SFTTrainer,
+    trainer: SFTTrainer | GRPOTrainer,
     cfg: Config,
     tok: PreTrainedTokenizerBase,
     base_path: str,
