@@ -205,7 +205,7 @@ def test_qat_config_cross_checks(tiny_model_dir):
     [
         (["embedded", "--bits", "5", "--out", "x"], "--bits 5 is not supported"),
         (["no/such/model/dir", "--bits", "4", "--out", "x"], "model path not found"),
-        (["MODEL", "--bits", "4", "--group-size", "48", "--out", "x"], "does not divide"),
+        (["MODEL", "--bits", "8", "--group-size", "48", "--out", "x"], "does not divide"),
     ],
 )
 def test_quantize_cli_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys, argv, message):
@@ -248,7 +248,7 @@ def test_recovery_is_the_share_of_the_ptq_loss_that_qat_wins_back():
     from hpml_ft.bench.lowbit import recovery
 
     rows = [
-        {"name": "full precision", "accuracy": 70.0},
+        {"name": "fp32", "accuracy": 70.0},
         {"name": "PTQ int4", "accuracy": 50.0},
         {"name": "QAT int4", "accuracy": 65.0},
     ]
@@ -269,17 +269,24 @@ def test_bench_lowbit_writes_every_row_json_markdown_and_png(tiny_model_dir, tmp
     assert main([*argv, "--max-new-tokens", "4", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in res["rows"]]
+    fast = "PTQ int4 cuda-tinygemm" if torch.cuda.is_available() else "PTQ int4 cpu-int4pack"
     assert names == [
-        "full precision",
+        "fp32",
+        "bf16",
+        "PTQ int8",
         "PTQ int4",
-        "PTQ int3",
+        fast,
         "PTQ int2",
         "QAT int2",
         "QAT int2 + prompt lookup",
     ]
     for r in res["rows"]:
         assert r["ms_per_token"] > 0 and r["size_on_disk_mib"] > 0 and r["cpu_peak_rss_mib"] > 0
+        assert ("tokens_per_s_b8" in r) == ("prompt lookup" not in r["name"])  # lookup runs at batch 1 only
+    rows = {r["name"]: r for r in res["rows"]}
+    assert rows["fp32"]["speedup_b1"] == 1.0 and rows["bf16"]["dtype"] == "bfloat16"
+    assert rows[fast]["dtype"] == "bfloat16" and rows["PTQ int4"]["dtype"] == "float32"
     packed = {r["name"]: r["packed_weights_mib"] for r in res["rows"]}
-    assert packed["PTQ int2"] <= packed["PTQ int4"] < packed["full precision"]
+    assert packed["PTQ int2"] <= packed["PTQ int4"] < packed["PTQ int8"] < packed["fp32"]
     assert "recovery at int2" in (out / "results.md").read_text()
     assert (out / "lowbit.png").stat().st_size > 1000

@@ -19,6 +19,7 @@ from hpml_ft import EMBEDDED_MODEL
 from hpml_ft.config import Config, ModelConfig
 from hpml_ft.errors import fail
 from hpml_ft.lora import lora_config
+from hpml_ft.lowbit_kernels import repack_int4_for_cpu, repacks_for_cpu
 from hpml_ft.meta_ckpt import converted_dir, is_meta_checkpoint
 
 if TYPE_CHECKING:
@@ -281,17 +282,21 @@ def build_model(cfg: Config, path: str | None = None) -> PreTrainedModel:
 
 
 def load_causal_lm(path: str, mcfg: ModelConfig | None = None) -> PreTrainedModel:
-    """A causal LM for generation (infer, eval): dtype and attention picked as for training, on the GPU if any."""
+    """A causal LM for generation (infer, eval): dtype and attention picked as for training, on the GPU if any;
+    a cpu-int4pack low-bit model on a CPU is loaded in bf16 and repacked for the CPU int4 kernel."""
     import torch
     from transformers import AutoModelForCausalLM
 
     mcfg = mcfg or ModelConfig()
-    dtype = torch_dtype(mcfg)
+    int4pack = repacks_for_cpu(path, mcfg.dtype)
+    dtype = torch.bfloat16 if int4pack else torch_dtype(mcfg)
     check_weight_files(path)
     attn = attn_implementation(mcfg, dtype)
     model = pretrained(
         AutoModelForCausalLM, path, mcfg.trust_remote_code, dtype=dtype, attn_implementation=attn
     )
+    if int4pack:
+        repack_int4_for_cpu(model, dtype)
     return model.to("cuda") if torch.cuda.is_available() else model
 
 

@@ -1,10 +1,12 @@
 """`python -m hpml_ft.bench lowbit --model RUN_OR_MODEL --bits 2 [--qat RUN] [--data FILE | --safety FILE]`.
 
-One table on one eval set: full precision, PTQ int4 / int3 / int<bits> (torchao weight-only, made here from
---model), QAT int<bits> (the merged/ low-bit model of --qat RUN) and QAT + prompt lookup decoding. Columns:
-accuracy (exact match; safety: accuracy), ms/token and tokens/s (greedy, batch 1), size on disk, packed weight
-size, peak memory; each model runs in a fresh process so its peak memory is its own. Writes results.json,
-results.md and lowbit.png; recovery = (QAT - PTQ) / (full - PTQ) at --bits.
+One table on one eval set: fp32 and bf16 (--model as is), PTQ int8 / int4 / int<bits> (torchao weight-only,
+portable format, made here from --model), PTQ int4 in this device's fast format (cpu-int4pack on a CPU,
+cuda-tinygemm on a GPU), QAT int<bits> (the merged/ low-bit model of --qat RUN) and QAT + prompt lookup
+decoding. Columns: accuracy (exact match at batch 1; safety: accuracy), ms/token and tokens/s (greedy) at
+batch 1 and batch 8 (8 prompts at a time, left-padded: throughput), batch-1 speed over fp32's, size on disk,
+packed weight size, peak memory; each model runs in a fresh process so its peak memory is its own. Writes
+results.json, results.md and lowbit.png; recovery = (QAT - PTQ) / (fp32 - PTQ) at --bits.
 """
 
 from __future__ import annotations
@@ -18,18 +20,29 @@ from typing import Any
 
 from hpml_ft.bench.lowbit_report import write_report
 from hpml_ft.bench.report import add_docs_args, check_docs, docs_block, header_line, metadata, write_docs
-from hpml_ft.config import DataConfig
+from hpml_ft.config import DataConfig, ModelConfig
 from hpml_ft.config import runtime as rt
 from hpml_ft.data import load_samples, load_splits
 from hpml_ft.errors import ArgumentParser, fail, run_cli
 from hpml_ft.eval.safety import is_guard_template, load_safety_file, prompts_for, score
 from hpml_ft.generation import generate
+from hpml_ft.lowbit_kernels import INT4PACK_GROUPS, PORTABLE
 from hpml_ft.model import load_causal_lm, load_tokenizer
 from hpml_ft.outputs import check_output_target
-from hpml_ft.quant.ptq import check_spec, check_torchao, dir_size_mib, packed_size_mib, quantize_dir
+from hpml_ft.quant.ptq import (
+    check_spec,
+    check_torchao,
+    default_target,
+    dir_size_mib,
+    packed_size_mib,
+    quantize_dir,
+    resolve_format,
+)
 from hpml_ft.runs import standalone_dir
 from hpml_ft.scoring import score_samples
 from hpml_ft.system.measure import peak_memory, run_json_worker
+
+BATCH = 8  # the batched speed columns
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,7 +103,7 @@ def evaluate_one(job: dict[str, Any]) -> dict[str, Any]:
 
     path, kind, items = job["path"], job["kind"], job["items"]
     start = time.perf_counter()
-    tok, model = load_tokenizer(path), load_causal_lm(path)
+    tok, model = load_tokenizer(path), load_causal_lm(path, ModelConfig(dtype=job.get("dtype", "auto")))
     load_s = time.perf_counter() - start
     if kind == "safety":
         prompts = prompts_for(items, is_guard_template(tok.chat_template))
@@ -98,16 +111,29 @@ def evaluate_one(job: dict[str, Any]) -> dict[str, Any]:
         prompts = [s["messages"][:-1] for s in items]
     extra = {"prompt_lookup_num_tokens": job["prompt_lookup"]} if job["prompt_lookup"] else {}
     preds, speed = generate(model, tok, prompts, job["max_new_tokens"], batch_size=1, **extra)
+    batched = {}
+    if not job["prompt_lookup"]:  # prompt lookup decoding runs at batch 1 only
+        speed8 = generate(model, tok, prompts, job["max_new_tokens"], batch_size=BATCH)[1]
+        batched = {
+            "ms_per_token_b8": round(1000 * speed8["seconds"] / max(speed8["new_tokens"], 1), 2),
+            "tokens_per_s_b8": round(speed8["tokens_per_s"], 2),
+        }
     if kind == "safety":
         metrics = score(items, preds)[1]
     else:
         scored = score_samples(items, preds, kind)[1]  # the one scoring path
-        metrics = {"exact_match": scored["exact_match"], "f1": scored["f1"], "accuracy": scored["exact_match"]}
+        metrics = {
+            "exact_match": scored["exact_match"],
+            "f1": scored["f1"],
+            "accuracy": scored["exact_match"],
+        }
     return {
         **metrics,
         "ms_per_token": round(1000 * speed["seconds"] / max(speed["new_tokens"], 1), 2),
         "tokens_per_s": round(speed["tokens_per_s"], 2),
+        **batched,
         "load_s": round(load_s, 2),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "size_on_disk_mib": dir_size_mib(path),
         "packed_weights_mib": packed_size_mib(model),
         **peak_memory(),
@@ -120,12 +146,22 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def plan_rows(args: argparse.Namespace, fp: str, out: Path) -> list[dict[str, Any]]:
-    """(name, path, prompt lookup, PTQ bits to make) for every row of the table."""
-    rows = [{"name": "full precision", "path": fp, "lookup": 0}]
-    for b in sorted({4, 3, args.bits}, reverse=True):
-        rows.append(
-            {"name": f"PTQ int{b}", "path": str(out / "models" / f"ptq_int{b}"), "lookup": 0, "ptq": b}
-        )
+    """(name, path, load dtype, prompt lookup, PTQ bits and format to make) for every row of the table."""
+    rows = [
+        {"name": "fp32", "path": fp, "lookup": 0, "dtype": "float32"},
+        {"name": "bf16", "path": fp, "lookup": 0, "dtype": "bfloat16"},
+    ]
+    fast = (
+        [resolve_format(4, args.group_size, default_target(), "fast")]
+        if args.group_size in INT4PACK_GROUPS
+        else []
+    )
+    for b in sorted({8, 4, args.bits}, reverse=True):
+        for fmt in [PORTABLE, *fast] if b == 4 else [PORTABLE]:
+            name, folder = (f"PTQ int{b}", f"ptq_int{b}") if fmt == PORTABLE else (f"PTQ int4 {fmt}", fmt)
+            rows.append(
+                {"name": name, "path": str(out / "models" / folder), "lookup": 0, "ptq": b, "fmt": fmt}
+            )
     if args.qat:
         qat = standalone_dir(args.qat, "--qat")
         bits = json.loads((Path(qat) / "hpml_ft.json").read_text()).get("quantization", {}).get("bits")
@@ -145,7 +181,7 @@ def plan_rows(args: argparse.Namespace, fp: str, out: Path) -> list[dict[str, An
 
 def recovery(results: list[dict], bits: int) -> float | None:
     acc = {r["name"]: r["accuracy"] for r in results}
-    full, ptq, qat = acc.get("full precision"), acc.get(f"PTQ int{bits}"), acc.get(f"QAT int{bits}")
+    full, ptq, qat = acc.get("fp32"), acc.get(f"PTQ int{bits}"), acc.get(f"QAT int{bits}")
     if None in (full, ptq, qat) or full == ptq:
         return None
     return round((qat - ptq) / (full - ptq), 3)
@@ -176,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for row in rows:
         if "ptq" in row and not Path(row["path"]).is_dir():
-            quantize_dir(fp, Path(row["path"]), row["ptq"], args.group_size)
+            quantize_dir(fp, Path(row["path"]), row["ptq"], args.group_size, fmt=row["fmt"])
         job = {"path": row["path"], "kind": kind, "items": items, "prompt_lookup": row["lookup"]}
+        job["dtype"] = row.get("dtype", "auto")
         print(f"[hpml_ft] {row['name']}: {row['path']}", file=sys.stderr)
         results.append(
             {
@@ -186,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                 **run_worker({**job, "max_new_tokens": args.max_new_tokens}),
             }
         )
+    base = next(r["tokens_per_s"] for r in results if r["name"] == "fp32")
+    for r in results:
+        r["speedup_b1"] = round(r["tokens_per_s"] / max(base, 1e-9), 2)
     summary = {"kind": kind, "n": len(items), "bits": args.bits, "recovery": recovery(results, args.bits)}
     md = write_report(out, summary, results, header_line(metadata(["lowbit", *argv])))
     print(md + f"\n[hpml_ft] {out}/results.json, results.md, lowbit.png")

@@ -11,6 +11,9 @@ COLUMNS = [
     ("accuracy", "accuracy"),
     ("ms_per_token", "ms/token"),
     ("tokens_per_s", "tokens/s"),
+    ("speedup_b1", "x fp32"),
+    ("ms_per_token_b8", "ms/token b8"),
+    ("tokens_per_s_b8", "tokens/s b8"),
     ("size_on_disk_mib", "size on disk MiB"),
     ("packed_weights_mib", "packed weights MiB"),
     ("cpu_peak_rss_mib", "peak RSS MiB"),
@@ -23,7 +26,8 @@ def markdown(summary: dict[str, Any], results: list[dict], header: str = "") -> 
     cols = [(k, h) for k, h in COLUMNS if any(k in r for r in results)]
     lines = [
         *([header, ""] if header else []),
-        f"Low-bit variants on {summary['n']} {summary['kind']} samples (greedy, batch 1)\n",
+        f"Low-bit variants on {summary['n']} {summary['kind']} samples (greedy; accuracy and x fp32 at batch 1, "
+        "b8 = batch 8 throughput)\n",
         "| model | " + " | ".join(h for _, h in cols) + " |",
         "|---|" + "---|" * len(cols),
     ]
@@ -31,8 +35,8 @@ def markdown(summary: dict[str, Any], results: list[dict], header: str = "") -> 
         lines.append(f"| {r['name']} | " + " | ".join(str(r.get(k, "")) for k, _ in cols) + " |")
     rec = summary.get("recovery")
     lines.append(
-        f"\nrecovery at int{summary['bits']} = (QAT - PTQ) / (full - PTQ) = "
-        + (f"{100 * rec:.1f}%" if rec is not None else "n/a (needs --qat and full != PTQ)")
+        f"\nrecovery at int{summary['bits']} = (QAT - PTQ) / (fp32 - PTQ) = "
+        + (f"{100 * rec:.1f}%" if rec is not None else "n/a (needs --qat and fp32 != PTQ)")
     )
     return "\n".join(lines) + "\n"
 

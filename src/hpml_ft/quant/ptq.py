@@ -1,10 +1,14 @@
-"""Weight-only post-training quantization (torchao IntxWeightOnlyConfig, per-group scales) of a saved model.
+"""Weight-only post-training quantization of a saved model (torchao, per-group scales), in the format that runs
+fastest on the target device.
 
 The low-bit model is saved through transformers' TorchAoConfig: safetensors holding torchao tensors and a
 `quantization_config` in config.json, so `AutoModelForCausalLM.from_pretrained` (and with it infer, eval,
-bench) reloads it as is, with no hpml_ft-specific loader. Embeddings and the LM head stay full precision
-unless `quantize_embeddings` (the usual policy: they are a small share of a 1B model, sensitive, and at 135M
-tied, so quantizing one quantizes both).
+bench) reloads it. Formats (`lowbit_kernels` names them and repacks at load): `portable` (IntxWeightOnlyConfig,
+dequantize-then-matmul on any device; every bit width), `cpu-int4pack` (the same files, repacked at load on a
+CPU for `aten._weight_int4pack_mm_for_cpu` in bf16) and `cuda-tinygemm` (Int4WeightOnlyConfig's tile-packed
+tensors, made on a GPU for `aten._weight_int4pack_mm`). Embeddings and the LM head stay full precision unless
+`quantize_embeddings` (the usual policy: they are a small share of a 1B model, sensitive, and at 135M tied, so
+quantizing one quantizes both).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpml_ft.errors import fail
+from hpml_ft.lowbit_kernels import CPU_INT4PACK, CUDA_TINYGEMM, INT4PACK_GROUPS, PORTABLE
 from hpml_ft.model import pretrained
 from hpml_ft.outputs import atomic_dir
 
@@ -23,6 +28,12 @@ if TYPE_CHECKING:
 
 BITS = (2, 3, 4, 8)
 METHOD = "torchao IntxWeightOnlyConfig (weight-only, per-group, round-to-nearest min/max)"
+TINYGEMM_METHOD = "torchao Int4WeightOnlyConfig tile_packed_to_4d (weight-only, per-group, tinygemm min/max)"
+KERNELS = {
+    PORTABLE: ("dequantize, then aten::linear", "the loaded dtype"),
+    CPU_INT4PACK: ("aten._weight_int4pack_mm_for_cpu (repacked at load on a CPU)", "bfloat16"),
+    CUDA_TINYGEMM: ("aten._weight_int4pack_mm (tinygemm, GPU)", "bfloat16"),
+}
 
 
 def check_torchao() -> None:
@@ -35,6 +46,47 @@ def check_spec(bits: int, group_size: int) -> None:
         fail(f"--bits {bits} is not supported; use one of {', '.join(map(str, BITS))}")
     if group_size <= 0:
         fail(f"--group-size must be a positive integer, got {group_size}")
+
+
+def default_target() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_format(
+    bits: int,
+    group_size: int,
+    target: str,
+    fmt: str | None,
+    symmetric: bool = False,
+    quantize_embeddings: bool = False,
+) -> str:
+    """The saved format of `--bits --target --format` (fmt None = fast at 4 bits, portable otherwise);
+    a combination no kernel takes fails in one line."""
+    if fmt == "portable" or (fmt is None and bits != 4):
+        return PORTABLE
+    if bits != 4:
+        fail(f"--format fast is the int4 kernels only; --bits {bits} is saved portable (drop --format)")
+    groups = ", ".join(map(str, INT4PACK_GROUPS))
+    if group_size not in INT4PACK_GROUPS:
+        fail(f"--group-size {group_size}: the int4 kernels take {groups}; pick one, or --format portable")
+    if target == "cpu":
+        return CPU_INT4PACK
+    if symmetric or quantize_embeddings:
+        flag = "--symmetric" if symmetric else "--quantize-embeddings"
+        fail(
+            f"{flag} does not fit --target cuda: tinygemm int4 has a zero point and packs linear layers only; "
+            "drop it, or use --format portable or --target cpu"
+        )
+    import torch
+
+    if not torch.cuda.is_available():
+        fail(
+            "--target cuda packs int4 weights for the GPU kernel on a GPU and this machine has none; quantize "
+            "on the GPU machine, or use --target cpu or --format portable (runs anywhere)"
+        )
+    return CUDA_TINYGEMM
 
 
 def check_group_size(model: PreTrainedModel, group_size: int) -> None:
@@ -61,13 +113,19 @@ def weight_config(bits: int, group_size: int, symmetric: bool) -> Any:
     )
 
 
-def record(bits: int, group_size: int, symmetric: bool, quantize_embeddings: bool, source: str) -> dict:
+def record(
+    bits: int, group_size: int, symmetric: bool, quantize_embeddings: bool, source: str, fmt: str = PORTABLE
+) -> dict:
+    kernel, compute = KERNELS[fmt]
     return {
         "quantization": {
             "bits": bits,
             "group_size": group_size,
             "symmetric": symmetric,
-            "method": METHOD,
+            "format": fmt,
+            "kernel": kernel,
+            "compute_dtype": compute,
+            "method": TINYGEMM_METHOD if fmt == CUDA_TINYGEMM else METHOD,
             "embeddings": "quantized (untied from the LM head)" if quantize_embeddings else "full precision",
             "lm_head": "quantized" if quantize_embeddings else "full precision",
             "source": source,
@@ -76,13 +134,27 @@ def record(bits: int, group_size: int, symmetric: bool, quantize_embeddings: boo
 
 
 def quantize_model(
-    src: str | Path, bits: int, group_size: int, symmetric: bool = False, quantize_embeddings: bool = False
+    src: str | Path,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    quantize_embeddings: bool = False,
+    fmt: str = PORTABLE,
 ) -> PreTrainedModel:
-    """Load `src` (a full-precision HF model dir) with its weights quantized by torchao on load."""
+    """Load `src` (a full-precision HF model dir) with its weights quantized by torchao on load; cpu-int4pack
+    writes the portable weights (the repack happens at load), cuda-tinygemm packs on the GPU."""
     check_torchao()
     import torch
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
+    if fmt == CUDA_TINYGEMM:
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        tiny = Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+        qcfg = TorchAoConfig(tiny)
+        return pretrained(
+            AutoModelForCausalLM, src, dtype=torch.bfloat16, quantization_config=qcfg, device_map="cuda"
+        )
     qcfg = TorchAoConfig(weight_config(bits, group_size, symmetric))  # linear layers, LM head skipped
     model = pretrained(AutoModelForCausalLM, src, dtype=torch.float32, quantization_config=qcfg)
     if quantize_embeddings:
@@ -122,11 +194,12 @@ def quantize_dir(
     symmetric: bool = False,
     quantize_embeddings: bool = False,
     extra_record: dict | None = None,
+    fmt: str = PORTABLE,
 ) -> dict[str, Any]:
     """Quantize the model dir `src` into the model dir `out` (with an hpml_ft.json record, returned)."""
     start = time.perf_counter()
-    model = quantize_model(src, bits, group_size, symmetric, quantize_embeddings)
-    rec = record(bits, group_size, symmetric, quantize_embeddings, str(src))
+    model = quantize_model(src, bits, group_size, symmetric, quantize_embeddings, fmt)
+    rec = record(bits, group_size, symmetric, quantize_embeddings, str(src), fmt)
     rec["quantization"]["quantize_seconds"] = round(time.perf_counter() - start, 2)
     rec.update(extra_record or {})
     save_quantized(model, src, out, rec)
@@ -139,7 +212,8 @@ def dir_size_mib(path: str | Path) -> float:
 
 def packed_size_mib(model: PreTrainedModel) -> float:
     """What the weights take at their nominal bit width (the int codes bit-packed, plus scales and zero
-    points); torchao stores int<8 codes unpacked in int8, so the files on disk are larger than this."""
+    points); torchao stores portable int<8 codes unpacked in int8, so the files on disk are larger than this.
+    Kernel-packed tensors (int4pack, tinygemm) count what they hold."""
     total = 0.0
     for t in [*model.parameters(), *model.buffers()]:  # tied weights (embeddings = LM head) count once
         names = getattr(t, "tensor_data_names", None)
@@ -148,6 +222,10 @@ def packed_size_mib(model: PreTrainedModel) -> float:
             for n in names:
                 part = getattr(t, n)
                 total += part.numel() * (bits / 8 if n == "qdata" else part.element_size())
+        elif names:
+            for n in [*names, *getattr(t, "optional_tensor_data_names", [])]:
+                part = getattr(t, n, None)
+                total += 0 if part is None else part.numel() * part.element_size()
         else:
             total += t.numel() * t.element_size()
     return round(total / 2**20, 1)
