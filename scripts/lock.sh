@@ -15,10 +15,10 @@ OUT=${2:?usage: scripts/lock.sh VENV OUT}
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 B=$VENV/bin
-mkdir -p "$OUT"
 
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
+mkdir -p "$OUT"  # after the venv: OUT may lie inside it (make test-latest)
 "$B/pip" install -q --upgrade pip
 "$B/pip" install -q "$TORCH_SPEC"
 torch_version=$("$B/python" -c 'import torch; print(torch.__version__.split("+")[0])')
