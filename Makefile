@@ -43,7 +43,8 @@ test: install
 # TORCH_SPEC (a newer one would be a multi-GB CUDA download). Prints what differs from the lock.
 test-latest:
 	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" bash scripts/lock.sh .venv-latest .venv-latest/lock
-	-diff requirements/cpu.txt .venv-latest/lock/cpu.txt | grep '^[<>] [^#]'
+	@diff requirements/cpu.txt .venv-latest/lock/cpu.txt | grep '^[<>] [^#]' \
+		&& echo '[test-latest] < the lock, > the newest allowed' || echo '[test-latest] the newest allowed versions equal the lock'
 	.venv-latest/bin/python -m hpml_ft env
 	.venv-latest/bin/python -m pytest tests -n auto --maxprocesses 4 -p no:cacheprovider
 
