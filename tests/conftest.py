@@ -57,7 +57,8 @@ def build_tiny_tokenizer():
     return tok
 
 
-def build_tiny_model(tok, seed: int = 0, max_positions: int = 512):
+def build_tiny_model(tok, seed: int = 0, max_positions: int = 512, **config):
+    """A random 2-layer Llama for `tok`; `config` overrides LlamaConfig fields (e.g. tie_word_embeddings)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -73,7 +74,7 @@ def build_tiny_model(tok, seed: int = 0, max_positions: int = 512):
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
+        **{"tie_word_embeddings": False, **config},
     )
     return LlamaForCausalLM(cfg)
 

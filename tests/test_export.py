@@ -12,33 +12,18 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer
+from conftest import build_tiny_model, build_tiny_tokenizer
 
 PROMPTS = ["What was the revenue in 2019?", "Table: year | value", "million thousand billion percent"]
 
 
 def _tiny_llama(path, tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        initializer_range=0.1,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=tied,
+    model = build_tiny_model(
+        tok, max_positions=256, rope_theta=10000.0, initializer_range=0.1, tie_word_embeddings=tied
     )
     # fp32 weights that f16 holds exactly: an f16 export is then lossless and must give the same logits
-    LlamaForCausalLM(cfg).half().float().save_pretrained(path)
+    model.half().float().save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
