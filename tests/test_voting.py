@@ -39,16 +39,47 @@ def test_scale_is_part_of_the_answer_and_plain_text_is_normalised():
 
 
 def test_eval_samples_keeps_every_sample_and_votes(tiny_model_dir, tmp_path, monkeypatch):
+    """`--samples 2,3`: samples drawn once; a greedy row, then MODEL@vote2 over the first 2 and MODEL@vote3 over
+    all 3, each row keeping its samples; the vote rows are compared with the greedy one (paired)."""
     from hpml_ft.eval.cli import main
+    from hpml_ft.eval.voting import vote
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "eval"
     argv = ["--models", str(tiny_model_dir), "--data", str(FIXTURE), "--limit", "3", "--max-new-tokens", "4"]
-    assert main([*argv, "--samples", "3", "--temperature", "1.0", "--out", str(out)]) == 0
+    assert main([*argv, "--samples", "3,2", "--temperature", "1.0", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
-    rows = [json.loads(line) for line in (out / res["models"][0]["predictions"]).read_text().splitlines()]
-    assert len(rows) == 3 and res["models"][0]["metrics"]["voting"] == {"samples": 3}
-    for row in rows:
-        v = row["vote"]
-        assert len(v["samples"]) == 3 and "greedy_output" in v
-        assert row["pred"] == v["greedy_output"] or row["pred"] in v["samples"]
+    label = res["models"][0]["name"]  # the model as named in outputs
+    assert [m["name"] for m in res["models"]] == [label, f"{label}@vote2", f"{label}@vote3"]
+    greedy = [json.loads(x)["pred"] for x in (out / res["models"][0]["predictions"]).read_text().splitlines()]
+    assert "voting" not in res["models"][0]["metrics"]
+    by_k = {}
+    for k, model in zip((2, 3), res["models"][1:], strict=True):
+        assert model["metrics"]["voting"]["samples"] == k
+        rows = [json.loads(line) for line in (out / model["predictions"]).read_text().splitlines()]
+        by_k[k] = rows
+        for row, g in zip(rows, greedy, strict=True):
+            v = row["vote"]
+            assert len(v["samples"]) == k and v["greedy_output"] == g
+            assert row["pred"] == vote(g, v["samples"], "tatqa")[0]
+    assert all(a["vote"]["samples"] == b["vote"]["samples"][:2] for a, b in zip(by_k[2], by_k[3], strict=True))
+    assert "@vote3" in (out / "results.md").read_text()
+
+
+def test_samples_read_the_prompt_once_and_match_generate():
+    """The shared-prefix path (prompt KV cache computed once, copied to K rows) must answer as plain generate:
+    greedy rows equal `generate`'s greedy answer, and sampled rows come from the same prompt (they differ)."""
+    import torch
+    from conftest import build_tiny_model, build_tiny_tokenizer
+
+    from hpml_ft.generation import generate, sample_shared_prefix
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok, seed=3)
+    prompt = [{"role": "user", "content": "What was the revenue in 2019 and in 2018? " * 3}]
+    greedy, _ = generate(model, tok, [prompt], max_new_tokens=10)
+    rows, speed = sample_shared_prefix(model, tok, prompt, 3, max_new_tokens=10)
+    assert rows == greedy * 3 and speed["new_tokens"] > 0
+    torch.manual_seed(0)
+    sampled, _ = sample_shared_prefix(model, tok, prompt, 4, max_new_tokens=10, do_sample=True, temperature=1.0)
+    assert len(sampled) == 4 and len(set(sampled)) > 1

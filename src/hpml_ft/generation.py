@@ -57,3 +57,54 @@ def generate(
     model.train(was_training)
     secs = time.perf_counter() - start
     return outputs, {"new_tokens": new_tokens, "seconds": secs, "tokens_per_s": new_tokens / max(secs, 1e-9)}
+
+
+def _cache_kwarg(model: PreTrainedModel) -> str:
+    """`cache` in transformers versions that renamed `past_key_values` (5.x deprecates the old name)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model forwards **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def sample_shared_prefix(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompt: list[dict],
+    k: int,
+    max_new_tokens: int = 64,
+    **gen_kwargs: Any,
+) -> tuple[list[str], dict[str, float]]:
+    """K outputs for one chat prompt whose prompt is read once: the prompt's KV cache is computed for one row,
+    copied to K rows, and only the answers are generated K times (voting costs ~one prefill, not K).
+    Returns (texts, {"new_tokens", "seconds", "tokens_per_s"}); with do_sample=False every row is the greedy answer."""
+    import torch
+    from transformers import DynamicCache
+
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        # every prompt token but the last: generate needs at least one uncached token to start from
+        model(input_ids=ids[:, :-1], use_cache=True, **{_cache_kwarg(model): cache})
+        cache.batch_repeat_interleave(k)
+        out = model.generate(
+            input_ids=ids.repeat(k, 1),
+            attention_mask=torch.ones(k, ids.shape[1], dtype=torch.long, device=ids.device),
+            **{_cache_kwarg(model): cache},
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_ids(model, tok),
+            pad_token_id=tok.pad_token_id,
+            **{"do_sample": False, **gen_kwargs},
+        )
+    model.train(was_training)
+    outputs, new_tokens = [], 0
+    for row in out[:, ids.shape[1] :]:
+        keep = row[row != tok.pad_token_id]
+        new_tokens += int(keep.numel()) + (1 if keep.numel() < row.numel() else 0)
+        outputs.append(tok.decode(row, skip_special_tokens=True).strip())
+    secs = time.perf_counter() - start
+    return outputs, {"new_tokens": new_tokens, "seconds": secs, "tokens_per_s": new_tokens / max(secs, 1e-9)}

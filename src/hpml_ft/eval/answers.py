@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpml_ft.eval.ifeval import score_responses
 from hpml_ft.eval.safety import is_guard_template, prompts_for, score
-from hpml_ft.generation import generate
+from hpml_ft.generation import generate, sample_shared_prefix
 from hpml_ft.runs import ModelSpec, load_model, load_tokenizer
 from hpml_ft.scoring import score_samples
 
@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Voting:
-    """`eval --samples K --temperature T --top-p P --seed S`: K sampled outputs per question vote."""
+    """`eval --samples K[,K2..] --temperature T --top-p P --seed S`: max(K) sampled outputs per question are
+    drawn once; for each K the first K of them vote."""
 
-    samples: int
+    votes_at: tuple[int, ...]
     temperature: float
     top_p: float = 1.0
     seed: int = 0
@@ -70,22 +71,24 @@ def generate_all(
 
 
 def sample_all(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[list[dict]], greedy: list[str],
-    fmt: str, voting: Voting, max_new_tokens: int, batch_size: int, desc: str,
-) -> tuple[list[str], list[dict], dict[str, float]]:
-    """`voting.samples` sampled outputs per prompt (each prompt repeated, so a batch holds several questions'
-    samples), then the vote over their executed answers: (chosen outputs, per-question votes, sampling speed)."""
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[list[dict]], voting: Voting,
+    max_new_tokens: int, desc: str,
+) -> tuple[list[list[str]], dict[str, float]]:
+    """max(voting.votes_at) sampled outputs per prompt, the prompt read once for all of them
+    (`generation.sample_shared_prefix`): (outputs per prompt, sampling speed)."""
+    from tqdm.auto import tqdm
     from transformers import set_seed
 
-    from hpml_ft.eval.voting import vote_all
-
-    k = voting.samples
+    k = max(voting.votes_at)
     set_seed(voting.seed)
-    repeated = [p for p in prompts for _ in range(k)]
     kwargs = {"do_sample": True, "temperature": voting.temperature, "top_p": voting.top_p}
-    texts, speed = generate_all(model, tok, repeated, max_new_tokens, batch_size, f"{desc} x{k}", **kwargs)
-    chosen, votes = vote_all(greedy, [texts[i * k : (i + 1) * k] for i in range(len(prompts))], fmt)
-    return chosen, votes, speed
+    sampled: list[list[str]] = []
+    tokens = seconds = 0.0
+    for prompt in tqdm(prompts, desc=f"{desc} x{k}", unit="sample", dynamic_ncols=True):
+        texts, speed = sample_shared_prefix(model, tok, prompt, k, max_new_tokens, **kwargs)
+        sampled.append(texts)
+        tokens, seconds = tokens + speed["new_tokens"], seconds + speed["seconds"]
+    return sampled, {"new_tokens": int(tokens), "seconds": round(seconds, 2)}
 
 
 def answer_all(
@@ -97,7 +100,7 @@ def answer_all(
     voting: Voting | None = None,
 ) -> dict[tuple, tuple[list, dict, list | None]]:
     """Generate with each distinct model once (a model named twice is reused), freeing it before the next.
-    With `voting` (QA only), the greedy output is followed by the sampled ones and the vote picks the answer."""
+    With `voting` (QA only), the greedy outputs are followed by the sampled ones (kept per question)."""
     if task.kind == "ifeval":
         prompts = [[{"role": "user", "content": r["prompt"]}] for r in task.items]
     elif task.kind == "qa":  # safety prompts depend on each model's template: built below
@@ -111,23 +114,39 @@ def answer_all(
             prompts = prompts_for(task.items, is_guard_template(toks[k].chat_template))
         model = load_model(spec, task.model_cfg)
         texts, speed = generate_all(model, toks[k], prompts, max_new_tokens, batch_size, spec.label)
-        votes = None
-        if voting is not None and voting.samples > 1 and task.kind == "qa":
-            texts, votes, sampling = sample_all(
-                model, toks[k], prompts, texts, task.fmt, voting, max_new_tokens, batch_size, spec.label
-            )
+        sampled = None
+        if voting is not None and task.kind == "qa":
+            sampled, sampling = sample_all(model, toks[k], prompts, voting, max_new_tokens, spec.label)
             speed = {**speed, "sampling_seconds": sampling["seconds"], "sampled_tokens": sampling["new_tokens"]}
-        done[k] = (texts, speed, votes)
+        done[k] = (texts, speed, sampled)
         del model
         gc.collect()
     return done
 
 
-def score_all(models: list[ModelSpec], task: Task, answers: dict) -> list[dict]:
-    """One result per model: {name, path, adapter, metrics, speed, rows}."""
+def voted_results(spec: ModelSpec, task: Task, answers: dict, voting: Voting) -> list[dict]:
+    """One result per K of `voting`, named MODEL@voteK: the vote of the first K samples (ties to greedy), each
+    row keeping its samples and the greedy output."""
+    from hpml_ft.eval.voting import vote_all
+
+    greedy, speed, sampled = answers[key(spec)]
+    results = []
+    for k in voting.votes_at:
+        chosen, votes = vote_all(greedy, [s[:k] for s in sampled], task.fmt)
+        rows, metrics = score_samples(task.items, chosen, task.fmt)
+        rows = [{**row, "vote": v} for row, v in zip(rows, votes, strict=True)]
+        metrics["voting"] = {"samples": k, "temperature": voting.temperature, "top_p": voting.top_p}
+        result = {"name": f"{spec.label}@vote{k}", "path": spec.path, "metrics": metrics, "speed": speed}
+        results.append({**result, "rows": rows, **({"adapter": spec.adapter} if spec.adapter else {})})
+    return results
+
+
+def score_all(models: list[ModelSpec], task: Task, answers: dict, voting: Voting | None = None) -> list[dict]:
+    """One result per model: {name, path, adapter, metrics, speed, rows}; with `voting` (QA), each model's
+    greedy result is followed by one result per K (`voted_results`)."""
     results, unsupported = [], {}
     for spec in models:
-        preds, speed, votes = answers[key(spec)]
+        preds, speed, _ = answers[key(spec)]
         if task.kind == "ifeval":
             rows, metrics = score_responses(task.items, preds)
             unsupported.update({k: v["why"] for k, v in metrics["unsupported"].items()})
@@ -135,14 +154,12 @@ def score_all(models: list[ModelSpec], task: Task, answers: dict) -> list[dict]:
             rows, metrics = score(task.items, preds)
         else:
             rows, metrics = score_samples(task.items, preds, task.fmt)
-            if votes is not None:  # every sample is kept with the row it voted for
-                rows = [{**row, "vote": v} for row, v in zip(rows, votes, strict=True)]
-                metrics["voting"] = {"samples": len(votes[0]["samples"]) if votes else 0}
         result = {"name": spec.label, "path": spec.path, "metrics": metrics, "speed": speed, "rows": rows}
         results.append({**result, **({"adapter": spec.adapter} if spec.adapter else {})})
-    for r, spec in zip(
-        results, models, strict=True
-    ):  # IFEval: every model is scored on the same instructions
-        if task.kind == "ifeval" and set(r["metrics"]["unsupported"]) != set(unsupported):
-            r["rows"], r["metrics"] = score_responses(task.items, answers[key(spec)][0], unsupported)
+        if voting is not None and task.kind == "qa":
+            results.extend(voted_results(spec, task, answers, voting))
+    if task.kind == "ifeval":  # every model is scored on the same instructions
+        for r, spec in zip(results, models, strict=True):
+            if set(r["metrics"]["unsupported"]) != set(unsupported):
+                r["rows"], r["metrics"] = score_responses(task.items, answers[key(spec)][0], unsupported)
     return results

@@ -93,10 +93,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     vote = p.add_argument_group("voting over executed answers (QA; TAT-QA derivations are executed first)")
     vote.add_argument(
         "--samples",
-        type=positive_int,
-        default=rt.VOTE_SAMPLES,
+        type=sample_counts,
+        default=(rt.VOTE_SAMPLES,),
         help="K sampled outputs per question after the greedy one; the most common executed answer wins, "
-        "ties go to the greedy answer (default 1: greedy only)",
+        "ties go to the greedy answer. A list (5,9) draws max(K) samples once and votes over the first K of "
+        "them for each K: each model gets its greedy row plus a MODEL@voteK row (default 1: greedy only)",
     )
     vote.add_argument(
         "--temperature",
@@ -119,6 +120,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def sample_counts(text: str) -> tuple[int, ...]:
+    """argparse type of --samples: one count or a comma list (5,9), each >= 1; sorted, duplicates dropped."""
+    return tuple(sorted({positive_int(part.strip()) for part in text.split(",")}))
+
+
 def _check_numbers(args: argparse.Namespace) -> None:
     for name in ("limit", "batch_size", "max_new_tokens"):
         value = getattr(args, name)
@@ -126,7 +132,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
             fail(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.top_p > 1:
         fail(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.samples > 1 and (args.ifeval or args.safety):
+    if max(args.samples) > 1 and (args.ifeval or args.safety):
         fail("--samples votes on QA answers; IFEval and --safety score one greedy response, drop --samples")
 
 
@@ -160,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{m.label} ({m.path}{' + ' + m.adapter if m.adapter else ''})" for m in models),
         file=sys.stderr,
     )
-    voting = Voting(args.samples, args.temperature, args.top_p, args.seed) if args.samples > 1 else None
+    votes_at = tuple(k for k in args.samples if k > 1)
+    voting = Voting(votes_at, args.temperature, args.top_p, args.seed) if votes_at else None
     answers = answer_all(models, toks, task, args.max_new_tokens, args.batch_size, voting)
-    results = score_all(models, task, answers)
+    results = score_all(models, task, answers, voting)
     if spec:
         judge_rows(spec, [row for r in results for row in r["rows"]])  # one judge load for every model
         for r in results:
