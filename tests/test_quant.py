@@ -245,16 +245,26 @@ def test_quantize_cli_writes_a_model_dir_with_its_measurements(tiny_model_dir, t
 
 
 def test_recovery_is_the_share_of_the_ptq_loss_that_qat_wins_back():
+    """20 questions: fp32 right on 14, PTQ on 10 (a subset), QAT on 13 -> (13 - 10) / (14 - 10) = 0.75, with a
+    paired interval that contains it and stays inside what the questions allow."""
     from hpml_ft.bench.lowbit import recovery
 
+    fp32 = [1.0] * 14 + [0.0] * 6
+    ptq = [1.0] * 10 + [0.0] * 10
+    qat = [1.0] * 13 + [0.0] * 7
     rows = [
-        {"name": "fp32", "accuracy": 70.0},
-        {"name": "PTQ int4", "accuracy": 50.0},
-        {"name": "QAT int4", "accuracy": 65.0},
+        {"name": "fp32", "accuracy": 70.0, "correct": fp32},
+        {"name": "PTQ int4", "accuracy": 50.0, "correct": ptq},
+        {"name": "QAT int4", "accuracy": 65.0, "correct": qat},
     ]
-    assert recovery(rows, 4) == 0.75
+    rec = recovery(rows, 4)
+    assert (
+        rec["recovery"] == 0.75 and rec["low"] < 0.75 < rec["high"] and rec["low"] >= 0 and rec["high"] <= 1
+    )
     assert recovery(rows[:2], 4) is None  # no QAT row
-    assert recovery([{**rows[0], "accuracy": 50.0}, *rows[1:]], 4) is None  # PTQ lost nothing
+    assert recovery([{**rows[0], "correct": ptq}, *rows[1:]], 4) is None  # PTQ lost nothing
+    perfect = recovery([*rows[:2], {**rows[2], "correct": fp32}], 4)  # QAT answers exactly as fp32: no spread
+    assert perfect == {"recovery": 1.0, "low": 1.0, "high": 1.0}
 
 
 @pytest.mark.slow
@@ -289,4 +299,5 @@ def test_bench_lowbit_writes_every_row_json_markdown_and_png(tiny_model_dir, tmp
     packed = {r["name"]: r["packed_weights_mib"] for r in res["rows"]}
     assert packed["PTQ int2"] <= packed["PTQ int4"] < packed["PTQ int8"] < packed["fp32"]
     assert "recovery at int2" in (out / "results.md").read_text()
+    assert all(len(r["correct"]) == 2 for r in res["rows"])  # per question, for the recovery's interval
     assert (out / "lowbit.png").stat().st_size > 1000

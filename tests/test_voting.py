@@ -62,7 +62,9 @@ def test_eval_samples_keeps_every_sample_and_votes(tiny_model_dir, tmp_path, mon
             v = row["vote"]
             assert len(v["samples"]) == k and v["greedy_output"] == g
             assert row["pred"] == vote(g, v["samples"], "tatqa")[0]
-    assert all(a["vote"]["samples"] == b["vote"]["samples"][:2] for a, b in zip(by_k[2], by_k[3], strict=True))
+    assert all(
+        a["vote"]["samples"] == b["vote"]["samples"][:2] for a, b in zip(by_k[2], by_k[3], strict=True)
+    )
     assert "@vote3" in (out / "results.md").read_text()
 
 
@@ -81,5 +83,7 @@ def test_samples_read_the_prompt_once_and_match_generate():
     rows, speed = sample_shared_prefix(model, tok, prompt, 3, max_new_tokens=10)
     assert rows == greedy * 3 and speed["new_tokens"] > 0
     torch.manual_seed(0)
-    sampled, _ = sample_shared_prefix(model, tok, prompt, 4, max_new_tokens=10, do_sample=True, temperature=1.0)
+    sampled, _ = sample_shared_prefix(
+        model, tok, prompt, 4, max_new_tokens=10, do_sample=True, temperature=1.0
+    )
     assert len(sampled) == 4 and len(set(sampled)) > 1

@@ -63,7 +63,9 @@ def _cache_kwarg(model: PreTrainedModel) -> str:
     """`cache` in transformers versions that renamed `past_key_values` (5.x deprecates the old name)."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model forwards **kwargs
+    base = (
+        model.get_base_model() if hasattr(model, "get_base_model") else model
+    )  # a PEFT model forwards **kwargs
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 

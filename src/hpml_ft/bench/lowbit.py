@@ -121,11 +121,12 @@ def evaluate_one(job: dict[str, Any]) -> dict[str, Any]:
     if kind == "safety":
         metrics = score(items, preds)[1]
     else:
-        scored = score_samples(items, preds, kind)[1]  # the one scoring path
+        rows, scored = score_samples(items, preds, kind)  # the one scoring path
         metrics = {
             "exact_match": scored["exact_match"],
             "f1": scored["f1"],
             "accuracy": scored["exact_match"],
+            "correct": [float(r["em"]) for r in rows],  # per question: the recovery's interval
         }
     return {
         **metrics,
@@ -179,12 +180,17 @@ def plan_rows(args: argparse.Namespace, fp: str, out: Path) -> list[dict[str, An
     return rows
 
 
-def recovery(results: list[dict], bits: int) -> float | None:
-    acc = {r["name"]: r["accuracy"] for r in results}
-    full, ptq, qat = acc.get("fp32"), acc.get(f"PTQ int{bits}"), acc.get(f"QAT int{bits}")
-    if None in (full, ptq, qat) or full == ptq:
+def recovery(results: list[dict], bits: int) -> dict[str, float] | None:
+    """(QAT - PTQ) / (fp32 - PTQ) at `bits` with its paired bootstrap interval over the questions (exact match);
+    None without a QAT row, for safety accuracy, or when fp32 == PTQ."""
+    from hpml_ft.eval.stats import recovery_interval
+
+    per = {r["name"]: r.get("correct") for r in results}
+    full, ptq, qat = per.get("fp32"), per.get(f"PTQ int{bits}"), per.get(f"QAT int{bits}")
+    if None in (full, ptq, qat):
         return None
-    return round((qat - ptq) / (full - ptq), 3)
+    rec = recovery_interval(full, ptq, qat)
+    return {k: round(v, 3) for k, v in rec.items()} if rec else None
 
 
 def main(argv: list[str] | None = None) -> int:

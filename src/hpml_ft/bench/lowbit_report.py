@@ -36,7 +36,12 @@ def markdown(summary: dict[str, Any], results: list[dict], header: str = "") -> 
     rec = summary.get("recovery")
     lines.append(
         f"\nrecovery at int{summary['bits']} = (QAT - PTQ) / (fp32 - PTQ) = "
-        + (f"{100 * rec:.1f}%" if rec is not None else "n/a (needs --qat and fp32 != PTQ)")
+        + (
+            f"{100 * rec['recovery']:.1f}% (95% CI {100 * rec['low']:.1f} - {100 * rec['high']:.1f}, paired "
+            "bootstrap over the questions)"
+            if rec is not None
+            else "n/a (needs --qat, exact match and fp32 != PTQ)"
+        )
     )
     return "\n".join(lines) + "\n"
 

@@ -71,8 +71,12 @@ def generate_all(
 
 
 def sample_all(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[list[dict]], voting: Voting,
-    max_new_tokens: int, desc: str,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: list[list[dict]],
+    voting: Voting,
+    max_new_tokens: int,
+    desc: str,
 ) -> tuple[list[list[str]], dict[str, float]]:
     """max(voting.votes_at) sampled outputs per prompt, the prompt read once for all of them
     (`generation.sample_shared_prefix`): (outputs per prompt, sampling speed)."""
@@ -117,7 +121,11 @@ def answer_all(
         sampled = None
         if voting is not None and task.kind == "qa":
             sampled, sampling = sample_all(model, toks[k], prompts, voting, max_new_tokens, spec.label)
-            speed = {**speed, "sampling_seconds": sampling["seconds"], "sampled_tokens": sampling["new_tokens"]}
+            speed = {
+                **speed,
+                "sampling_seconds": sampling["seconds"],
+                "sampled_tokens": sampling["new_tokens"],
+            }
         done[k] = (texts, speed, sampled)
         del model
         gc.collect()

@@ -50,7 +50,11 @@ def bootstrap_interval(
 
 
 def paired_difference(
-    a: Sequence[float], b: Sequence[float], level: float = LEVEL, samples: int = BOOTSTRAP_SAMPLES, seed: int = SEED
+    a: Sequence[float],
+    b: Sequence[float],
+    level: float = LEVEL,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = SEED,
 ) -> dict[str, float]:
     """mean(b) - mean(a) over the same questions, with its paired bootstrap interval."""
     if len(a) != len(b):
@@ -61,6 +65,34 @@ def paired_difference(
     tail = (1 - level) / 2
     diff = (sum(b) - sum(a)) / len(a)
     return {"diff": diff, "low": _percentile(means, tail), "high": _percentile(means, 1 - tail)}
+
+
+def recovery_interval(
+    full: Sequence[float],
+    ptq: Sequence[float],
+    qat: Sequence[float],
+    level: float = LEVEL,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = SEED,
+) -> dict[str, float] | None:
+    """Recovery (QAT - PTQ) / (full - PTQ) of per-question scores on the same questions, with a paired
+    percentile bootstrap interval (resamples whose full == PTQ have no ratio and are skipped). None when the
+    whole set has full == PTQ."""
+    import numpy as np
+
+    f, p, q = (np.asarray(x, dtype=np.float64) for x in (full, ptq, qat))
+    if not (len(f) == len(p) == len(q)) or f.mean() == p.mean():
+        return None
+    rng, ratios = np.random.default_rng(seed), []
+    for start in range(0, samples, 200):
+        idx = rng.integers(0, len(f), size=(min(200, samples - start), len(f)))
+        den = f[idx].mean(axis=1) - p[idx].mean(axis=1)
+        ok = den != 0
+        ratios.append((q[idx].mean(axis=1)[ok] - p[idx].mean(axis=1)[ok]) / den[ok])
+    r = sorted(np.concatenate(ratios).tolist())
+    tail = (1 - level) / 2
+    value = (q.mean() - p.mean()) / (f.mean() - p.mean())
+    return {"recovery": float(value), "low": _percentile(r, tail), "high": _percentile(r, 1 - tail)}
 
 
 def mcnemar_p(a: Sequence[bool], b: Sequence[bool]) -> float:
