@@ -18,6 +18,21 @@ def eos_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> list[int]:
     return ids
 
 
+def _decode_answers(tok: PreTrainedTokenizerBase, answers: Any, outputs: list[str]) -> int:
+    """Append each generated row's text to `outputs`; return its new tokens (the EOS counted, padding not)."""
+    new_tokens = 0
+    for row in answers:
+        keep = row[row != tok.pad_token_id]
+        new_tokens += int(keep.numel()) + (1 if keep.numel() < row.numel() else 0)
+        outputs.append(tok.decode(row, skip_special_tokens=True).strip())
+    return new_tokens
+
+
+def _speed(new_tokens: int, start: float) -> dict[str, float]:
+    secs = time.perf_counter() - start
+    return {"new_tokens": new_tokens, "seconds": secs, "tokens_per_s": new_tokens / max(secs, 1e-9)}
+
+
 def generate(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -49,14 +64,9 @@ def generate(
                 pad_token_id=tok.pad_token_id,
                 **kwargs,
             )
-        gen = out[:, enc["input_ids"].shape[1] :]
-        for row in gen:
-            keep = row[row != tok.pad_token_id]
-            new_tokens += int(keep.numel()) + (1 if keep.numel() < row.numel() else 0)
-            outputs.append(tok.decode(row, skip_special_tokens=True).strip())
+        new_tokens += _decode_answers(tok, out[:, enc["input_ids"].shape[1] :], outputs)
     model.train(was_training)
-    secs = time.perf_counter() - start
-    return outputs, {"new_tokens": new_tokens, "seconds": secs, "tokens_per_s": new_tokens / max(secs, 1e-9)}
+    return outputs, _speed(new_tokens, start)
 
 
 def _cache_kwarg(model: PreTrainedModel) -> str:
@@ -88,25 +98,22 @@ def sample_shared_prefix(
     model.eval()
     text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+    cache = DynamicCache(config=model.config)
+    with_cache = {_cache_kwarg(model): cache}
     with torch.no_grad():
-        cache = DynamicCache(config=model.config)
         # every prompt token but the last: generate needs at least one uncached token to start from
-        model(input_ids=ids[:, :-1], use_cache=True, **{_cache_kwarg(model): cache})
+        model(input_ids=ids[:, :-1], use_cache=True, **with_cache)
         cache.batch_repeat_interleave(k)
         out = model.generate(
             input_ids=ids.repeat(k, 1),
             attention_mask=torch.ones(k, ids.shape[1], dtype=torch.long, device=ids.device),
-            **{_cache_kwarg(model): cache},
+            **with_cache,
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_ids(model, tok),
             pad_token_id=tok.pad_token_id,
             **{"do_sample": False, **gen_kwargs},
         )
     model.train(was_training)
-    outputs, new_tokens = [], 0
-    for row in out[:, ids.shape[1] :]:
-        keep = row[row != tok.pad_token_id]
-        new_tokens += int(keep.numel()) + (1 if keep.numel() < row.numel() else 0)
-        outputs.append(tok.decode(row, skip_special_tokens=True).strip())
-    secs = time.perf_counter() - start
-    return outputs, {"new_tokens": new_tokens, "seconds": secs, "tokens_per_s": new_tokens / max(secs, 1e-9)}
+    outputs: list[str] = []
+    new_tokens = _decode_answers(tok, out[:, ids.shape[1] :], outputs)
+    return outputs, _speed(new_tokens, start)

@@ -10,7 +10,7 @@ models is right gives a p-value for the EM difference that needs no resampling.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 BOOTSTRAP_SAMPLES = 2000  # resamples: the interval ends move by ~0.1 point at n = 300 between seeds
@@ -25,16 +25,22 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def _index_draws(n: int, samples: int, seed: int) -> Iterator[Any]:
+    """Bootstrap row indices, 200 resamples at a time (bounded memory on large eval sets): arrays (<=200, n)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for start in range(0, samples, 200):
+        yield rng.integers(0, n, size=(min(200, samples - start), n))
+
+
 def _resampled_means(columns: Sequence[Sequence[float]], samples: int, seed: int) -> list[float]:
     """Means of `sum(columns)` over `samples` bootstrap resamples of the rows (one index draw per resample, so
     paired columns stay paired), sorted."""
     import numpy as np
 
     totals = np.sum(np.asarray(columns, dtype=np.float64), axis=0)
-    rng, n, means = np.random.default_rng(seed), len(totals), []
-    for start in range(0, samples, 200):  # 200 resamples at a time: bounded memory on large eval sets
-        idx = rng.integers(0, n, size=(min(200, samples - start), n))
-        means.append(totals[idx].mean(axis=1))
+    means = [totals[idx].mean(axis=1) for idx in _index_draws(len(totals), samples, seed)]
     return sorted(np.concatenate(means).tolist())
 
 
@@ -83,9 +89,8 @@ def recovery_interval(
     f, p, q = (np.asarray(x, dtype=np.float64) for x in (full, ptq, qat))
     if not (len(f) == len(p) == len(q)) or f.mean() == p.mean():
         return None
-    rng, ratios = np.random.default_rng(seed), []
-    for start in range(0, samples, 200):
-        idx = rng.integers(0, len(f), size=(min(200, samples - start), len(f)))
+    ratios = []
+    for idx in _index_draws(len(f), samples, seed):
         den = f[idx].mean(axis=1) - p[idx].mean(axis=1)
         ok = den != 0
         ratios.append((q[idx].mean(axis=1)[ok] - p[idx].mean(axis=1)[ok]) / den[ok])
