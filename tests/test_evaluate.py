@@ -171,6 +171,20 @@ def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def test_eval_labels_name_the_models_in_results_and_files(tmp_path, tiny_model_dir, runs, monkeypatch):
+    from hpml_ft.eval.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "eval"
+    argv = ["--models", f"{runs / 'run_a'},{tiny_model_dir}", "--labels", "sft,tiny", "--data", str(FIXTURE)]
+    assert main([*argv, "--limit", "1", "--max-new-tokens", "2", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in res["models"]] == ["sft", "tiny"]
+    assert res["models"][0]["path"] == str(runs / "run_a" / "merged")  # the label renames, the path stays
+    assert res["models"][1]["metrics"]["vs_first"]["model"] == "sft"
+    assert sorted(p.name for p in (out / "predictions").glob("*.jsonl")) == ["sft.jsonl", "tiny.jsonl"]
+
+
 def test_eval_cli_help_is_instant(tmp_path):
     proc = _run_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0 and "--models" in proc.stdout and "--judge-url" in proc.stdout
@@ -181,7 +195,7 @@ def test_eval_cli_help_is_instant(tmp_path):
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
 
 
-BAD = ["missing data", "unknown model", "limit 0", "out not an eval dir", "no run"]
+BAD = ["missing data", "unknown model", "limit 0", "out not an eval dir", "no run", "labels count", "label a path"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -196,6 +210,8 @@ def test_eval_cli_bad_input_one_line_exit_2(tmp_path, tiny_model_dir, case):
         "limit 0": [*good, "--limit", "0"],
         "out not an eval dir": [*good, "--out", str(busy)],
         "no run": ["--runs-dir", str(tmp_path / "empty")],
+        "labels count": [*good, "--labels", "a,b"],
+        "label a path": [*good, "--labels", "../a"],
     }[case]
     proc = _run_cli(*args, cwd=tmp_path)
     lines = proc.stderr.strip().splitlines()

@@ -14,6 +14,7 @@ finished run. Add --judge PATH or --judge-url URL for a 1-5 LLM-as-judge score.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawTextHelpFormatter,
     )
     p.add_argument("--models", help="comma-separated model specs (see below); default: base,<latest run>")
+    p.add_argument(
+        "--labels",
+        type=model_labels,
+        help="comma-separated names for the models, one per --models entry, in results and prediction files\n"
+        "(default: from each path: outputs/run/merged -> run)",
+    )
     _data_args(p)
     _run_args(p)
     add_judge_args(p)
@@ -118,6 +125,20 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         help="run Python code shipped in a model dir (config.json auto_map); a run's own record never turns "
         "this on, only this flag does: use it for models you trust",
     )
+
+
+def model_labels(text: str) -> tuple[str, ...]:
+    """argparse type of --labels: names that are safe file names (predictions/<label>.jsonl), no '@' (it marks
+    a vote row, MODEL@vote5), no duplicates."""
+    labels = tuple(part.strip() for part in text.split(","))
+    bad = [x for x in labels if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", x)]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"label {bad[0]!r} is not a plain name: use letters, digits, '.', '_' or '-' (e.g. sft,sft_grpo)"
+        )
+    if len(set(labels)) < len(labels):
+        raise argparse.ArgumentTypeError(f"labels must differ, got {text!r}")
+    return labels
 
 
 def sample_counts(text: str) -> tuple[int, ...]:

@@ -89,10 +89,19 @@ def resolve_models(args: argparse.Namespace, task: Task) -> list[ModelSpec]:
     entries = [s.strip() for s in (args.models or "").split(",") if s.strip()]
     if not entries:
         entries = ["base"] + ([str(task.run)] if task.run else [])
+    labels = getattr(args, "labels", None)
+    if labels and len(labels) != len(entries):
+        fail(
+            f"--labels names {len(labels)} models but there are {len(entries)} ({', '.join(entries)}); "
+            "give one label per model, in the same order"
+        )
     ref_run = next((Path(e) for e in entries if (Path(e) / RUN_RECORD).is_file()), task.run)
     out, seen = [], set()
-    for entry in entries:
+    for i, entry in enumerate(entries):
         spec = resolve(entry, ref_run, base=task.base)
+        if labels:
+            out.append(ModelSpec(labels[i], spec.path, spec.adapter))
+            continue
         label, k = _label(entry, spec), 2
         while label in seen:
             label, k = f"{_label(entry, spec)}-{k}", k + 1
