@@ -56,3 +56,16 @@ def test_add_intervals_writes_ci_and_a_comparison_against_the_first_model():
     v = tuned["vs_first"]
     assert v["model"] == "base" and v["em_diff"] == pytest.approx(20.0)
     assert v["em_ci"][0] < 20 < v["em_ci"][1] and 0 <= v["mcnemar_p"] <= 1
+
+
+def test_a_clear_difference_keeps_its_p_value_and_reads_p_below_0_001():
+    from hpml_ft.eval.stats import interval_text
+
+    results = [
+        {"name": "base", "metrics": {}, "rows": [{"em": 0.0, "f1": 0.0}] * 60},
+        {"name": "tuned", "metrics": {}, "rows": [{"em": 1.0, "f1": 1.0}] * 60},
+    ]
+    add_intervals(results)
+    tuned = results[1]["metrics"]
+    assert tuned["vs_first"]["mcnemar_p"] == pytest.approx(2 * 0.5**60, rel=1e-2)  # not rounded to 0
+    assert interval_text(tuned).endswith("(McNemar p < 0.001)")

@@ -144,7 +144,8 @@ def add_intervals(results: list[dict]) -> None:
             "em_ci": [_pct(d_em["low"]), _pct(d_em["high"])],
             "f1_diff": _pct(d_f1["diff"]),
             "f1_ci": [_pct(d_f1["low"]), _pct(d_f1["high"])],
-            "mcnemar_p": round(mcnemar_p([x >= 1 for x in em0], [x >= 1 for x in em]), 4),
+            # 3 significant digits, not 4 decimals: a clear difference keeps its p (1.2e-07), not 0
+            "mcnemar_p": float(f"{mcnemar_p([x >= 1 for x in em0], [x >= 1 for x in em]):.3g}"),
         }
 
 
@@ -153,4 +154,5 @@ def interval_text(m: dict[str, Any]) -> str:
     v = m.get("vs_first")
     if not v:
         return ""
-    return f"{v['em_diff']:+.2f} EM, 95% CI [{v['em_ci'][0]:+.2f}, {v['em_ci'][1]:+.2f}] (McNemar p = {v['mcnemar_p']:.3g})"
+    p = "p < 0.001" if v["mcnemar_p"] < 0.001 else f"p = {v['mcnemar_p']:.3g}"
+    return f"{v['em_diff']:+.2f} EM, 95% CI [{v['em_ci'][0]:+.2f}, {v['em_ci'][1]:+.2f}] (McNemar {p})"
