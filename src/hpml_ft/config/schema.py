@@ -27,7 +27,8 @@ DTYPE_CHOICES: tuple[str, ...] = get_args(
     Dtype
 )  # --dtype of every CLI; auto: bf16 on capable GPUs, fp32 on CPU
 # A run name is one path component inside train.output_dir: no separators, no '..', nothing hidden.
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# one plain file/directory name, never a path: run names, eval labels
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class _Section(BaseModel):
@@ -259,7 +260,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         t, p = self.train, self.peft
-        if not _SAFE_NAME.fullmatch(self.run_name):
+        if not SAFE_NAME.fullmatch(self.run_name):
             key = "train.run_name" if t.run_name is not None else "name"
             raise ValueError(
                 f"{key}={self.run_name!r} must be one plain directory name (letters, digits, '.', '_', '-', "

@@ -14,13 +14,13 @@ finished run. Add --judge PATH or --judge-url URL for a 1-5 LLM-as-judge score.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
 
 from hpml_ft.config import DTYPE_CHOICES
 from hpml_ft.config import runtime as rt
+from hpml_ft.config.schema import SAFE_NAME
 from hpml_ft.errors import ArgumentParser, fail, positive_float, positive_int
 from hpml_ft.eval.answers import Voting, answer_all, load_tokenizers, score_all
 from hpml_ft.eval.judge import add_judge_args, judge_rows, judge_spec_from_args, summarize_rows
@@ -131,7 +131,7 @@ def model_labels(text: str) -> tuple[str, ...]:
     """argparse type of --labels: names that are safe file names (predictions/<label>.jsonl), no '@' (it marks
     a vote row, MODEL@vote5), no duplicates."""
     labels = tuple(part.strip() for part in text.split(","))
-    bad = [x for x in labels if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", x)]
+    bad = [x for x in labels if not SAFE_NAME.fullmatch(x)]
     if bad:
         raise argparse.ArgumentTypeError(
             f"label {bad[0]!r} is not a plain name: use letters, digits, '.', '_' or '-' (e.g. sft,sft_grpo)"

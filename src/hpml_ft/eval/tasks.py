@@ -99,11 +99,8 @@ def resolve_models(args: argparse.Namespace, task: Task) -> list[ModelSpec]:
     out, seen = [], set()
     for i, entry in enumerate(entries):
         spec = resolve(entry, ref_run, base=task.base)
-        if labels:
-            out.append(ModelSpec(labels[i], spec.path, spec.adapter))
-            continue
-        label, k = _label(entry, spec), 2
-        while label in seen:
+        label, k = (labels[i] if labels else _label(entry, spec)), 2
+        while label in seen:  # only path-derived labels can repeat: --labels are checked to differ
             label, k = f"{_label(entry, spec)}-{k}", k + 1
         seen.add(label)
         out.append(ModelSpec(label, spec.path, spec.adapter))
