@@ -26,8 +26,8 @@ TRAIN_METHODS: tuple[str, ...] = (*ADAPTER_METHODS, "full")  # methods a run or 
 DTYPE_CHOICES: tuple[str, ...] = get_args(
     Dtype
 )  # --dtype of every CLI; auto: bf16 on capable GPUs, fp32 on CPU
-# A run name is one path component inside train.output_dir: no separators, no '..', nothing hidden.
-# one plain file/directory name, never a path: run names, eval labels
+# One plain file/directory name, never a path (no separators, no '..', nothing hidden): run names inside
+# train.output_dir, eval labels (predictions/<label>.jsonl).
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
