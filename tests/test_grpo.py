@@ -188,7 +188,7 @@ def test_grpo_arguments_are_grpoconfig_fields(tiny_model_dir, tmp_path):
 
     from hpml_ft.train.grpo import grpo_arguments, grpo_config
 
-    extra = ["grpo.beta=0.04", "grpo.reward_weights=[1.0, 0.5]", "grpo.loss_type=grpo"]
+    extra = ["grpo.beta=0.04", "grpo.reward_weights=[1.0, 0.5]", "grpo.loss_type=grpo", "grpo.scale_rewards=none"]
     cfg = load_config(
         _recipe(tmp_path), _overrides(tiny_model_dir, tmp_path, "[tatqa_correct,tatqa_scale]", extra=extra)
     )
@@ -197,6 +197,7 @@ def test_grpo_arguments_are_grpoconfig_fields(tiny_model_dir, tmp_path):
     args = grpo_config(cfg, 1)
     assert (args.num_generations, args.max_completion_length, args.beta) == (2, 4, 0.04)
     assert (args.reward_weights, args.loss_type, args.generation_batch_size) == ([1.0, 0.5], "grpo", 4)
+    assert args.scale_rewards == "none"  # the TAT-QA recipe's setting reaches TRL as written
 
 
 def test_bad_user_reward_fails_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -16,7 +16,7 @@ def test_outputs_that_compute_the_same_answer_vote_together():
     samples = ["(150 - 120) / 120 | percent", "150 / 120 - 1 | percent", "(150 - 100) / 100 | percent"]
     chosen, info = vote("(150 - 100) / 100 | percent", samples, "tatqa")
     assert answer_key(chosen, "tatqa") == answer_key(samples[0], "tatqa")
-    assert info == {"votes": 3, "winner_votes": 2, "distinct": 2, "greedy": False}
+    assert info == {"votes": 3, "winner_votes": 2, "distinct": 2, "greedy": False, "for_greedy": 1}
 
 
 def test_ties_go_to_the_greedy_answer_and_malformed_outputs_do_not_vote():
@@ -36,6 +36,41 @@ def test_scale_is_part_of_the_answer_and_plain_text_is_normalised():
     assert answer_key("1,200", "tatqa") == answer_key("1200.0", "tatqa")
     chosen, info = vote("Paris", ["paris.", "Lyon", "PARIS"], "alpaca")
     assert answer_key(chosen, "alpaca") == answer_key("Paris", "alpaca") and info["winner_votes"] == 2
+
+
+def test_sample_summary_against_a_hand_count():
+    from hpml_ft.eval.voting import sample_summary
+
+    # 4 questions, 2 samples each: 3 of 8 samples right, 2 questions with a right sample, 3 with greedy or a
+    # sample right, 3 of 8 samples computing the greedy answer
+    got = sample_summary([1, 0, 0, 0], [[0, 0], [1, 0], [0, 0], [1, 1]], [0, 1, 2, 0])
+    assert got == {"sample_em": 37.5, "pass_at_k": 50.0, "ceiling": 75.0, "agree_greedy": 37.5}
+
+
+def test_vote_rows_report_what_their_samples_held():
+    """Per K, the vote row's metrics count only its first K samples: the second sample is the only right one, so
+    pass@1 is 0 and pass@2 is 2 of 3 questions; greedy (right on question 3 only) lifts the ceiling."""
+    from hpml_ft.eval.answers import Voting, voted_results
+    from hpml_ft.eval.tasks import Task
+    from hpml_ft.runs import ModelSpec
+
+    golds = ["paris", "rome", "oslo"]
+    items = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": g}]}
+        for i, g in enumerate(golds)
+    ]
+    greedy = ["lyon", "milan", "oslo"]
+    sampled = [["lyon", "paris", "nice"], ["turin", "rome", "rome"], ["bergen", "bergen", "oslo"]]
+    spec = ModelSpec("m", "dir")
+    answers = {("dir", None): (greedy, {"tokens_per_s": 1.0}, sampled)}
+    rows = voted_results(spec, Task("qa", "alpaca", "x", items), answers, Voting((1, 2, 3), 0.7))
+    held = {r["name"]: r["metrics"]["voting"] for r in rows}
+    assert [held[f"m@vote{k}"]["pass_at_k"] for k in (1, 2, 3)] == [0.0, 66.67, 100.0]
+    assert held["m@vote1"]["ceiling"] == 33.33 and held["m@vote2"]["ceiling"] == 100.0
+    assert held["m@vote1"]["agree_greedy"] == 33.33  # lyon = lyon; rome's samples never match milan
+    assert held["m@vote3"]["sample_em"] == round(100 * 4 / 9, 2)
+    # the votes themselves: K=1 outvotes greedy's right oslo; only K=3 finds rome (2 of 3)
+    assert [r["metrics"]["exact_match"] for r in rows] == [0.0, 0.0, 33.33]
 
 
 def test_eval_samples_keeps_every_sample_and_votes(tiny_model_dir, tmp_path, monkeypatch):
@@ -65,7 +100,8 @@ def test_eval_samples_keeps_every_sample_and_votes(tiny_model_dir, tmp_path, mon
     assert all(
         a["vote"]["samples"] == b["vote"]["samples"][:2] for a, b in zip(by_k[2], by_k[3], strict=True)
     )
-    assert "@vote3" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "@vote3" in md and "## Voting: what the samples held" in md
 
 
 def test_samples_read_the_prompt_once_and_match_generate():

@@ -135,15 +135,21 @@ def answer_all(
 def voted_results(spec: ModelSpec, task: Task, answers: dict, voting: Voting) -> list[dict]:
     """One result per K of `voting`, named MODEL@voteK: the vote of the first K samples (ties to greedy), each
     row keeping its samples and the greedy output."""
-    from hpml_ft.eval.voting import vote_all
+    from hpml_ft.eval.voting import sample_summary, vote_all
 
     greedy, speed, sampled = answers[key(spec)]
+    greedy_em = [r["em"] for r in score_samples(task.items, greedy, task.fmt)[0]]
+    columns = [
+        score_samples(task.items, [s[j] for s in sampled], task.fmt)[0] for j in range(max(voting.votes_at))
+    ]
+    sample_em = [[col[i]["em"] for col in columns] for i in range(len(greedy))]  # per question, per sample
     results = []
     for k in voting.votes_at:
         chosen, votes = vote_all(greedy, [s[:k] for s in sampled], task.fmt)
         rows, metrics = score_samples(task.items, chosen, task.fmt)
         rows = [{**row, "vote": v} for row, v in zip(rows, votes, strict=True)]
-        metrics["voting"] = {"samples": k, "temperature": voting.temperature, "top_p": voting.top_p}
+        held = sample_summary(greedy_em, [e[:k] for e in sample_em], [v["for_greedy"] for v in votes])
+        metrics["voting"] = {"samples": k, "temperature": voting.temperature, "top_p": voting.top_p, **held}
         result = {"name": f"{spec.label}@vote{k}", "path": spec.path, "metrics": metrics, "speed": speed}
         results.append({**result, "rows": rows, **({"adapter": spec.adapter} if spec.adapter else {})})
     return results

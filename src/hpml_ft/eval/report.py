@@ -68,6 +68,21 @@ def comparison_table(results: list[dict], fmt: str) -> str:
     return md_table(header, rows)
 
 
+def voting_lines(results: list[dict]) -> list[str]:
+    """What each vote row's samples held (eval.voting.sample_summary): why voting gained what it did."""
+    voted = [r for r in results if r["metrics"].get("voting")]
+    if not voted:
+        return []
+    header = ["vote row", "K", "T", "one sample EM", "pass@K", "greedy or a sample right", "samples = greedy", "EM"]
+    cols = ("samples", "temperature", "sample_em", "pass_at_k", "ceiling", "agree_greedy")
+    rows = [[r["name"], *(r["metrics"]["voting"].get(c) for c in cols), r["metrics"]["exact_match"]] for r in voted]
+    note = (
+        "pass@K counts a question when any of its K samples is right: no rule picking one sample beats it. "
+        "'samples = greedy': the share of samples computing the greedy answer (percent)."
+    )
+    return ["## Voting: what the samples held", "", md_table(header, rows), "", note, ""]
+
+
 def breakdown_table(breakdown: dict[str, dict[str, dict]]) -> str:
     """TAT-QA answer_type x answer_from: `EM / F1 (n)` per cell."""
     sources = sorted({src for by_src in breakdown.values() for src in by_src})
@@ -90,6 +105,7 @@ def results_markdown(results: list[dict], fmt: str, data: str) -> str:
         comparison_table(results, fmt),
         "",
         *paired_lines(results),
+        *voting_lines(results),
     ]
     for r in results:
         m = r["metrics"]

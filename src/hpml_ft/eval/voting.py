@@ -10,6 +10,7 @@ at all the greedy output stands.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from hpml_ft.scoring import normalize
@@ -38,20 +39,22 @@ def answer_key(text: str, fmt: str) -> tuple | None:
 
 
 def vote(greedy: str, samples: list[str], fmt: str) -> tuple[str, dict[str, Any]]:
-    """(the output whose answer won, {votes cast, votes for the winner, distinct answers, greedy won})."""
+    """(the output whose answer won, {votes cast, votes for the winner, distinct answers, greedy won, votes for
+    the greedy output's answer})."""
     keys = [answer_key(s, fmt) for s in samples]
     counts = Counter(k for k in keys if k is not None)
     if not counts:
-        return greedy, {"votes": 0, "winner_votes": 0, "distinct": 0, "greedy": True}
+        return greedy, {"votes": 0, "winner_votes": 0, "distinct": 0, "greedy": True, "for_greedy": 0}
     top = max(counts.values())
     tied = [k for k, c in counts.items() if c == top]  # Counter keeps first-seen order
     greedy_key = answer_key(greedy, fmt)
+    for_greedy = counts.get(greedy_key, 0) if greedy_key is not None else 0
     if greedy_key in tied:
         chosen, from_greedy = greedy, True
     else:
         chosen, from_greedy = samples[keys.index(tied[0])], False
     info = {"votes": sum(counts.values()), "winner_votes": top, "distinct": len(counts), "greedy": from_greedy}
-    return chosen, info
+    return chosen, {**info, "for_greedy": for_greedy}
 
 
 def vote_all(greedy: list[str], sampled: list[list[str]], fmt: str) -> tuple[list[str], list[dict]]:
@@ -62,3 +65,21 @@ def vote_all(greedy: list[str], sampled: list[list[str]], fmt: str) -> tuple[lis
         chosen.append(text)
         infos.append({**info, "greedy_output": g, "samples": samples})
     return chosen, infos
+
+
+def sample_summary(
+    greedy_em: Sequence[float], sample_em: Sequence[Sequence[float]], for_greedy: Sequence[int]
+) -> dict[str, float]:
+    """What the K samples held, in percent: EM of one sample on average; pass@K, questions some sample got right
+    (no rule that picks one of the samples can beat it); the same counting the greedy output too (the ceiling of
+    voting with ties to greedy); and the share of samples computing the greedy output's answer. Voting can only
+    gain where greedy is wrong and the right answer is among the samples, more often than any wrong one."""
+    n, k = len(greedy_em), len(sample_em[0]) if sample_em else 0
+    if not n or not k:
+        return {"sample_em": 0.0, "pass_at_k": 0.0, "ceiling": 0.0, "agree_greedy": 0.0}
+    return {
+        "sample_em": round(100 * sum(map(sum, sample_em)) / (n * k), 2),
+        "pass_at_k": round(100 * sum(max(row) for row in sample_em) / n, 2),
+        "ceiling": round(100 * sum(max(g, *row) for g, row in zip(greedy_em, sample_em, strict=True)) / n, 2),
+        "agree_greedy": round(100 * sum(for_greedy) / (n * k), 2),
+    }
