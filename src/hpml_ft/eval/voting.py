@@ -48,13 +48,12 @@ def vote(greedy: str, samples: list[str], fmt: str) -> tuple[str, dict[str, Any]
     top = max(counts.values())
     tied = [k for k, c in counts.items() if c == top]  # Counter keeps first-seen order
     greedy_key = answer_key(greedy, fmt)
-    for_greedy = counts.get(greedy_key, 0) if greedy_key is not None else 0
     if greedy_key in tied:
         chosen, from_greedy = greedy, True
     else:
         chosen, from_greedy = samples[keys.index(tied[0])], False
     info = {"votes": sum(counts.values()), "winner_votes": top, "distinct": len(counts), "greedy": from_greedy}
-    return chosen, {**info, "for_greedy": for_greedy}
+    return chosen, {**info, "for_greedy": counts.get(greedy_key, 0)}  # counts holds no None: no vote, 0
 
 
 def vote_all(greedy: list[str], sampled: list[list[str]], fmt: str) -> tuple[list[str], list[dict]]:
