@@ -219,6 +219,7 @@ def test_dry_run_prints_prompts_generations_and_completions(tiny_model_dir, tmp_
     assert "prompts_per_step: 2\n" in out and "generations_per_prompt: 2\n" in out
     assert "completions_per_step: 4 per device x 1 accumulation x 1 processes = 4" in out
     assert "generated_tokens_per_step: at most 16 (4 x 4)" in out
+    assert "# memory estimate" in out and "| KV cache (generation) |" in out  # the planner models GRPO
     assert not (tmp_path / "out").exists()
 
 

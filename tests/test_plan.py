@@ -191,6 +191,73 @@ def test_activation_bytes_by_hand():
     assert _row(estimate(TOY, replace(st, eager=True)), "activations") == 4608 + 8 * 32 * 2
 
 
+def test_grpo_generation_phase_by_hand():
+    """GRPO: one generation batch (batch x accum sequences) holds its KV cache and one layer's prefill; the
+    gradients (plain torch, freed after each step) are not alive then; the peak is the larger phase."""
+    from hpml_ft.plan import estimate, peak
+
+    st = Setup(method="full", seq=4, batch=2, accum=3, act_bytes=2, lora_dropout=False, grpo=True)
+    rows = estimate(TOY, st)
+    # 6 sequences x 4 tokens x 2 layers x (k + v) x kv_hidden 4 x 2 B
+    assert _row(rows, "KV cache") == 6 * 4 * 2 * 2 * 4 * 2
+    # 24 tokens x (4h + 2h_kv + 3i) * B = (32 + 8 + 48) * 2 = 176 B
+    assert _row(rows, "prefill transients") == 24 * 176
+    # eager attention adds two s*s score tensors per head: 2 * 6 sequences * 2 heads * 16 * 2 B
+    eager = estimate(TOY, replace(st, eager=True))
+    assert _row(eager, "prefill transients") == 24 * 176 + 2 * 6 * 2 * 16 * 2
+    phases = {ph: sum(d for _, d, _, p in rows if p == ph) for ph in ("all", "train", "fwd", "step", "gen")}
+    assert (
+        phases["train"] == _row(rows, "gradients") == 2000
+    )  # accumulation: alive all step, not while generating
+    assert peak(rows) == phases["all"] + max(
+        phases["train"] + max(phases["fwd"], phases["step"]), phases["gen"]
+    )
+    # a generation batch large enough makes generation the peak, and the gradients then do not count
+    big = estimate(TOY, replace(st, accum=10**5))
+    gen = sum(d for _, d, _, p in big if p == "gen")
+    assert peak(big) == sum(d for _, d, _, p in big if p == "all") + gen
+    # SFT rows are untouched: no generation rows, same peak as before the GRPO phases existed
+    sft = estimate(TOY, replace(st, grpo=False))
+    assert not [r for r in sft if r[3] == "gen"]
+    assert peak(sft) == peak(rows) == phases["all"] + phases["train"] + max(phases["fwd"], phases["step"])
+
+
+def test_grpo_scored_tokens_reference_model_and_zero3_gather():
+    from hpml_ft.plan import estimate
+
+    st = Setup(method="full", seq=64, batch=1, act_bytes=2, lora_dropout=False, grpo=True, tile_copies=1)
+    # the LM head tiles cover only the scored (completion) tokens: 64 -> 8 tokens of 100-word vocab at 2 B
+    head = _row(estimate(TOY, st), "LM head + loss") - _row(
+        estimate(TOY, replace(st, scored=8)), "LM head + loss"
+    )
+    assert head == (64 - 8) * 100 * 2 + (64 - 8) * 8 * 4.0  # tiles + fp32 grads of the hidden states
+    # beta > 0 on full FT: a frozen copy of the (here ZeRO-3 sharded) weights
+    z3 = replace(st, zero=3, gpus=4, ref_model=True)
+    rows = estimate(TOY, z3)
+    assert _row(rows, "reference model") == _row(rows, "weights") == 2000 / 4
+    # ZeRO-3 gathers the other 3 shards to generate; offloaded, its own shard too
+    assert _row(rows, "weights gathered to generate") == 3 * 500
+    assert _row(estimate(TOY, replace(z3, offload=True)), "weights gathered to generate") == 4 * 500
+
+
+def test_grpo_setup_from_a_recipe(tiny_model_dir):
+    over = [f"model.name_or_path={tiny_model_dir}"]
+    cfg = load_config("recipes/grpo_tatqa_embedded.yaml", over)
+    gpu, cpu = setup_for(cfg, 1, gpu=True), setup_for(cfg, 1, gpu=False)
+    assert (
+        gpu.grpo and gpu.scored == cfg.grpo.max_completion_length and cpu.scored == 0
+    )  # CPU: every position
+    assert not gpu.ref_model  # beta 0: no reference model
+    assert setup_for(
+        load_config("recipes/grpo_tatqa_embedded.yaml", [*over, "grpo.beta=0.04"]), 1, True
+    ).ref_model
+    lora = load_config("recipes/grpo_tatqa_embedded.yaml", [*over, "grpo.beta=0.04", "peft.method=lora"])
+    assert not setup_for(lora, 1, True).ref_model  # LoRA: the reference is the model with its adapter off
+    text = plan_text_for_config(cfg, str(tiny_model_dir))
+    assert "KV cache (generation)" in text and "resident + max(training, generation)" in text
+    assert "GRPO: measured CPU peaks ran" in text  # the known gap is printed with the plan
+
+
 def test_plan_text_for_the_dry_run(tiny_model_dir):
     cfg = load_config("recipes/fft_embedded.yaml", [f"model.name_or_path={tiny_model_dir}"])
     text = plan_text_for_config(cfg, str(tiny_model_dir))

@@ -23,6 +23,14 @@ s = sequence, b = per-device batch, B = bytes per activation (2 in bf16/fp16, 4 
   step, so without DeepSpeed or accumulation they count in the step phase only.
 - Fixed overhead: CUDA context, cuBLAS workspaces, NCCL buffers, fragmentation (2 GiB on a GPU; on the
   CPU the resident size of a Python process with torch and transformers imported, 0.75 GiB).
+- GRPO (train.stage=grpo, TRL GRPOTrainer) adds a generation phase before each optimizer step: b*accum
+  sequences sampled at once (one generation batch a step), so their KV cache, 2*L*s*kv_h*B bytes a
+  sequence, plus one layer's no-grad prefill transients, s*(4h + 2h_kv + 3i)*B a sequence; under ZeRO-3
+  every rank gathers the full weights to generate. Plain torch has freed the gradients by then. The policy
+  update is an SFT-like forward/backward over prompt + completion, whose LM head scores only the completion
+  tokens on a GPU (TRL's fused head; off Triton devices, the CPU included, it scores every position).
+  beta > 0 keeps a frozen reference copy of the weights for full fine-tuning (LoRA disables its adapter).
+  Peak = resident + max(training (gradients + max(fwd/bwd, step)), generation).
 Checked against measured peaks on the CPU (docs/scale-out.md); `python -m hpml_ft.bench train` measures them.
 """
 
@@ -36,7 +44,7 @@ from hpml_ft.plan.shape import Shape
 
 GIB = 2**30
 WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0}  # physical facts
-Row = tuple[str, float, float, str]  # component, bytes per device, CPU RAM bytes per rank, phase
+Row = tuple[str, float, float, str]  # component, bytes per device, CPU RAM bytes per rank, phase (see peak)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,9 @@ class Setup:
     max_live: int = 10**9  # DeepSpeed stage3_max_live_parameters
     tile_copies: int = PLAN_LM_HEAD_TILES_GPU  # LM-head tiles alive at once (more on the CPU)
     overhead_gib: float = PLAN_OVERHEAD_GIB_GPU
+    grpo: bool = False  # train.stage=grpo: a generation phase of batch*accum sequences before each step
+    scored: int = 0  # tokens per sequence through the LM head: 0 = all of seq; GRPO on a GPU: the completion
+    ref_model: bool = False  # GRPO with beta > 0 on full fine-tuning: a frozen reference copy of the weights
 
 
 def _weight_bytes(sh: Shape, st: Setup) -> float:
@@ -92,14 +103,30 @@ def _activations(sh: Shape, st: Setup) -> tuple[float, float]:
     one_layer = tokens * per_tok
     acts = sh.layers * (tokens * sh.hidden * b if st.checkpointing else one_layer)
     acts += (one_layer if st.checkpointing else 0) + 2 * tokens * sh.hidden * b  # + embedding out, final norm
-    tiles = st.tile_copies * min(tokens, 4096) * min(sh.vocab, 32768) * b
+    scored = st.batch * (st.scored or st.seq)
+    tiles = st.tile_copies * min(scored, 4096) * min(sh.vocab, 32768) * b
     # A trained head gets an fp32 gradient accumulator, then its grad in the weight dtype (the same tensor in fp32)
     head_grad = sh.head * (4.0 + (b if b < 4 else 0)) if st.method == "full" else 0.0
-    return acts, tiles + tokens * sh.hidden * 4.0 + head_grad
+    return acts, tiles + scored * sh.hidden * 4.0 + head_grad
+
+
+def _generation(sh: Shape, st: Setup, weights: float) -> list[Row]:
+    """GRPO's sampling phase: KV cache and prefill transients of one generation batch; ZeRO-3 gathers the rest
+    of the weights (`weights` is this rank's shard)."""
+    seqs, b = st.batch * st.accum, st.act_bytes
+    kv = seqs * st.seq * sh.layers * 2 * sh.kv_hidden * b
+    per_tok = (4 * sh.hidden + 2 * sh.kv_hidden + 3 * sh.inter) * b
+    prefill = seqs * st.seq * per_tok + (2 * seqs * sh.heads * st.seq**2 * b if st.eager else 0)
+    rows = [("KV cache", kv, 0.0, "gen"), ("prefill transients", prefill, 0.0, "gen")]
+    if st.zero == 3:  # every shard but this rank's own (offloaded: its own too)
+        rows.append(
+            ("weights gathered to generate", weights * (st.gpus - (0 if st.offload else 1)), 0.0, "gen")
+        )
+    return rows
 
 
 def estimate(sh: Shape, st: Setup) -> list[Row]:
-    """Rows of (component, bytes per device, CPU RAM bytes per rank, phase: all | fwd | step)."""
+    """Rows of (component, bytes per device, CPU RAM bytes per rank, phase: all | train | fwd | step | gen)."""
     n = st.gpus if st.zero else 1
     count, pbytes, state = _trainable(sh, st)
     w = _weight_bytes(sh, st) / (n if st.zero == 3 else 1)
@@ -109,7 +136,8 @@ def estimate(sh: Shape, st: Setup) -> list[Row]:
     # Step transients: DeepSpeed's fp32 gradient copy + torch AdamW's foreach temporaries (8-bit Adam: fused)
     stepped = min(count / n, st.sub_group) if st.zero == 3 else count / n if st.zero else count
     step = stepped * (master + (state if st.optimizer == "adamw_torch" else 0.0))
-    grad_phase = "all" if st.zero or st.accum > 1 else "step"  # torch frees grads after each step
+    # torch frees grads after each step; with accumulation they live through training, not GRPO's generation
+    grad_phase = "all" if st.zero else "train" if st.accum > 1 else "step"
     rows = [
         ("weights", w, 0.0, "all"),
         ("gradients", g, 0.0, grad_phase),
@@ -126,19 +154,26 @@ def estimate(sh: Shape, st: Setup) -> list[Row]:
         live = min(st.max_live, sh.total) * WEIGHT_BYTES.get(st.weights, 2.0)
         layer_grads = sh.layer * pbytes if st.method == "full" else 0.0
         rows.append(("ZeRO-3 gathered params", live + layer_grads, 0.0, "all"))
+    if st.ref_model:
+        rows.append(("reference model", w, 0.0, "all"))
     acts, head = _activations(sh, st)
     rows += [("activations", acts, 0.0, "fwd"), ("LM head + loss", head, 0.0, "fwd")]
     rows.append(
         ("optimizer step transients", 0.0 if st.offload else step, step if st.offload else 0.0, "step")
     )
+    if st.grpo:
+        rows += _generation(sh, st, w)
     return [*rows, ("overhead", st.overhead_gib * GIB, 0.0, "all")]
 
 
 def peak(rows: list[Row], column: int = 1) -> float:
+    """all: always resident; train: through forward/backward and the step (not GRPO's generation); fwd / step:
+    transients of one of them; gen: GRPO's sampling phase."""
+
     def phase(name: str) -> float:
         return sum(r[column] for r in rows if r[3] == name)
 
-    return phase("all") + max(phase("fwd"), phase("step"))
+    return phase("all") + max(phase("train") + max(phase("fwd"), phase("step")), phase("gen"))
 
 
 def total_bytes(sh: Shape, st: Setup) -> float:

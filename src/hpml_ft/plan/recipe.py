@@ -60,6 +60,7 @@ def setup_for(
     weights = m.dtype if m.dtype != "auto" else ("bfloat16" if gpu else "float32")
     weights = "nf4" if cfg.quantized_4bit else "int8" if m.load_in_8bit else weights
     per_step = t.per_device_batch_size * gpus
+    grpo = t.stage == "grpo"
     return Setup(
         method=cfg.peft.method,
         weights=weights,
@@ -79,6 +80,10 @@ def setup_for(
         max_live=ds.get("max_live", 10**9),
         tile_copies=PLAN_LM_HEAD_TILES_GPU if gpu else PLAN_LM_HEAD_TILES_CPU,
         overhead_gib=PLAN_OVERHEAD_GIB_GPU if gpu else PLAN_OVERHEAD_GIB_CPU,
+        grpo=grpo,
+        # TRL's fused head scores only completion tokens on Triton devices (GPUs); elsewhere every position
+        scored=cfg.grpo.max_completion_length if grpo and gpu else 0,
+        ref_model=grpo and cfg.grpo.beta > 0 and cfg.peft.method == "full",
     )
 
 

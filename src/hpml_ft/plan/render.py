@@ -10,7 +10,12 @@ from hpml_ft.plan.memory import GIB, Setup, estimate, largest_batch, peak
 from hpml_ft.plan.recipe import setup_for, shape_for
 from hpml_ft.plan.shape import Shape
 
-PHASES = {"all": "", "fwd": " (fwd/bwd)", "step": " (step)"}
+PHASES = {"all": "", "train": "", "fwd": " (fwd/bwd)", "step": " (step)", "gen": " (generation)"}
+GRPO_PHASES = {**PHASES, "train": " (training)"}  # gradients: not alive while GRPO generates
+GRPO_CAVEAT = (
+    "GRPO: measured CPU peaks ran 10% (full) to 34% (LoRA) above this plan; GPU peaks unmeasured "
+    "(docs/scale-out.md, GRPO): leave that margin"
+)
 
 
 def _gib(x: float) -> str:
@@ -23,18 +28,24 @@ def render(sh: Shape, st: Setup, mem_gib: float | None, device: str = "GPU") -> 
     dev, cpu = peak(rows), peak(rows, column=2)
     zero = f"DeepSpeed ZeRO-{st.zero}" + (" + CPU offload" if st.offload else "") if st.zero else "no ZeRO"
     trainable = sh.total if st.method == "full" else sh.lora
+    phases, peak_is = (
+        (GRPO_PHASES, "max(training, generation)") if st.grpo else (PHASES, "max(fwd/bwd, step)")
+    )
+    grpo = f", GRPO: {st.batch * st.accum} sequences generated at once" if st.grpo else ""
     lines = [
         f"params: {sh.total / 1e9:.3f}B total, {trainable / 1e6:,.1f}M trainable ({st.method}); "
         f"weights {st.weights}, activations {8 * st.act_bytes}-bit, optimizer {st.optimizer}",
         f"setup: {st.gpus} x {device}, {zero}, per-device batch {st.batch} x seq {st.seq} (x{st.accum} "
         f"accumulation), gradient checkpointing {'on' if st.checkpointing else 'off'}, "
-        f"{'eager' if st.eager else 'SDPA/flash'} attention",
+        f"{'eager' if st.eager else 'SDPA/flash'} attention{grpo}",
         "",
         f"| component | per {device} | CPU RAM per rank |",
         "|---|---:|---:|",
-        *[f"| {name}{PHASES[ph]} | {_gib(d)} | {_gib(c)} |" for name, d, c, ph in rows],
-        f"| **peak** = resident + max(fwd/bwd, step) | **{_gib(dev)}** | {_gib(cpu)} |",
+        *[f"| {name}{phases[ph]} | {_gib(d)} | {_gib(c)} |" for name, d, c, ph in rows],
+        f"| **peak** = resident + {peak_is} | **{_gib(dev)}** | {_gib(cpu)} |",
     ]
+    if st.grpo:
+        lines += ["", GRPO_CAVEAT]
     if mem_gib:
         usable = PLAN_USABLE_FRACTION * mem_gib * GIB
         best = largest_batch(sh, st, usable)

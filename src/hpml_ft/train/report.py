@@ -66,9 +66,6 @@ def print_dry_run(cfg: Config, model_path: str, train_ds: Dataset, accum: int) -
     print("# derived")
     for k, v in derived_numbers(cfg, model_path, train_ds, accum).items():
         print(f"{k}: {v}")
-    if cfg.train.stage == "grpo":  # the planner models SFT steps, not generation + a policy update
-        print("# memory estimate: not modelled for train.stage=grpo")
-        return
     try:
         from hpml_ft.plan import plan_text_for_config
     except ImportError:  # the planner is optional in the dry run
