@@ -13,7 +13,6 @@ row: measured and planned GiB of both phases. One configuration per process, so 
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -21,6 +20,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hpml_ft.config import Config
 
 RECIPE = """name: grpo_memory
 model: {{name_or_path: {model}}}
@@ -92,6 +95,8 @@ def write_prompts(tmp: Path, model: str, tokens: int) -> None:
     """Chat records whose prompt is exactly `tokens` tokens under the model's chat template ("7 7 7 ...")."""
     from transformers import AutoTokenizer
 
+    from hpml_ft.errors import fail
+
     tok = AutoTokenizer.from_pretrained(model)
 
     def count(n: int) -> int:
@@ -101,9 +106,7 @@ def write_prompts(tmp: Path, model: str, tokens: int) -> None:
 
     n = tokens - count(0)
     if n < 1:
-        sys.exit(
-            f"error: --prompt-tokens {tokens} is shorter than the chat template alone ({count(0)}); raise it"
-        )
+        fail(f"--prompt-tokens {tokens} is shorter than the chat template alone ({count(0)}); raise it")
     while count(n) > tokens:  # "7" is one token, but the template may merge a boundary
         n -= 1
     rec = {
@@ -112,35 +115,29 @@ def write_prompts(tmp: Path, model: str, tokens: int) -> None:
     (tmp / "data.jsonl").write_text("\n".join(json.dumps(rec) for _ in range(32)) + "\n")
 
 
-def planned(recipe: Path, overrides: list[str], model: str) -> dict[str, float]:
-    from hpml_ft.config import load_config
-    from hpml_ft.plan import estimate, setup_for, shape_for
+def planned(cfg: Config, model: str) -> dict[str, float]:
+    """The planner's training and generation peaks for this CPU run, and the generation phase's own bytes."""
+    from hpml_ft.plan import estimate, phase_peaks, phases, setup_for, shape_for
 
-    cfg = load_config(str(recipe), overrides)
     sh, _ = shape_for(cfg, model)
     rows = estimate(sh, setup_for(cfg, 1, gpu=False))
-
-    def phase(name: str) -> float:
-        return sum(r[1] for r in rows if r[3] == name)
-
-    train = phase("all") + phase("train") + max(phase("fwd"), phase("step"))
-    return {
-        "train": train / GIB,
-        "gen": (phase("all") + phase("gen")) / GIB,
-        "gen_growth": phase("gen") / GIB,
-    }
+    train, gen = phase_peaks(rows)
+    return {"train": train / GIB, "gen": gen / GIB, "gen_growth": phases(rows)["gen"] / GIB}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    from hpml_ft.errors import ArgumentParser, fail
+
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="a local model dir (e.g. a scripts/random_model.py output)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.effective_batch_size=16")
     p.add_argument(
         "--prompt-tokens", type=int, help="prompt length (default: max_length - max_completion_length)"
     )
     p.add_argument("--out", help="append the markdown row to this file")
-    a = p.parse_args()
-    sys.argv = sys.argv[:1]
+    a = p.parse_args(argv)
+    if not Path(a.model, "config.json").is_file():
+        fail(f"{a.model} is not a model dir (no config.json); make one with scripts/random_model.py")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         sys.path.insert(0, d)
@@ -156,7 +153,7 @@ def main() -> int:
 
         if train_main([str(recipe), *a.overrides]) != 0:
             return 1
-        plan = planned(recipe, a.overrides, a.model)
+        plan = planned(cfg, a.model)
     got = {k: v / 1024 for k, v in sampler.peaks.items()} | {"gen_growth": sampler.gen_growth / 1024}
     cells = [f"{got[k]:.2f} / {plan[k]:.2f}" for k in ("train", "gen", "gen_growth")]
     config = " ".join(a.overrides) or "defaults"
@@ -169,4 +166,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hpml_ft.errors import run_cli
+
+    run_cli(main)

@@ -9,7 +9,17 @@ User-tunable constants (overheads, usable fraction, default GPU memory) are in h
 """
 
 from hpml_ft.plan.cli import main
-from hpml_ft.plan.memory import GIB, Row, Setup, estimate, largest_batch, peak, total_bytes
+from hpml_ft.plan.memory import (
+    GIB,
+    Row,
+    Setup,
+    estimate,
+    largest_batch,
+    peak,
+    phase_peaks,
+    phases,
+    total_bytes,
+)
 from hpml_ft.plan.recipe import accelerate_processes, deepspeed_settings, setup_for, shape_for
 from hpml_ft.plan.render import plan_text_for_config, ram_gib, render
 from hpml_ft.plan.shape import KNOWN_CONFIGS, Shape, load_model_config, model_shape
@@ -28,6 +38,8 @@ __all__ = [
     "main",
     "model_shape",
     "peak",
+    "phase_peaks",
+    "phases",
     "plan_text_for_config",
     "ram_gib",
     "render",

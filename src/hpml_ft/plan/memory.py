@@ -166,14 +166,20 @@ def estimate(sh: Shape, st: Setup) -> list[Row]:
     return [*rows, ("overhead", st.overhead_gib * GIB, 0.0, "all")]
 
 
+def phases(rows: list[Row], column: int = 1) -> dict[str, float]:
+    """Bytes per phase. all: always resident; train: through forward/backward and the step (not GRPO's
+    generation); fwd / step: transients of one of them; gen: GRPO's sampling phase."""
+    return {ph: sum(r[column] for r in rows if r[3] == ph) for ph in ("all", "train", "fwd", "step", "gen")}
+
+
+def phase_peaks(rows: list[Row], column: int = 1) -> tuple[float, float]:
+    """(training peak, generation peak); without a GRPO generation phase the second is the resident part."""
+    p = phases(rows, column)
+    return p["all"] + p["train"] + max(p["fwd"], p["step"]), p["all"] + p["gen"]
+
+
 def peak(rows: list[Row], column: int = 1) -> float:
-    """all: always resident; train: through forward/backward and the step (not GRPO's generation); fwd / step:
-    transients of one of them; gen: GRPO's sampling phase."""
-
-    def phase(name: str) -> float:
-        return sum(r[column] for r in rows if r[3] == name)
-
-    return phase("all") + max(phase("train") + max(phase("fwd"), phase("step")), phase("gen"))
+    return max(phase_peaks(rows, column))
 
 
 def total_bytes(sh: Shape, st: Setup) -> float:
